@@ -1,0 +1,157 @@
+"""GPT-2 (Hugging Face `GPT2LMHeadModel` math) with stacked, scanned layers.
+
+Param tree (fp32, logical axes in each param's sharding metadata); the LM head is `wte`:
+  wte                                 [V, D]        (vocab, embed)
+  wpe                                 [P, D]        (positions, embed)
+  layers.ln_1_scale / ln_1_bias       [L, D]        (layers, embed)
+  layers.q_proj / k_proj / v_proj     [L, D, H, K]  (layers, embed, heads, head_dim)
+  layers.q_bias / k_bias / v_bias     [L, H, K]     (layers, heads, head_dim)
+  layers.attn_proj                    [L, H, K, D]  (layers, heads, head_dim, embed)
+  layers.attn_proj_bias               [L, D]        (layers, embed)
+  layers.ln_2_scale / ln_2_bias       [L, D]        (layers, embed)
+  layers.c_fc                         [L, D, F]     (layers, embed, mlp)
+  layers.c_fc_bias                    [L, F]        (layers, mlp)
+  layers.c_proj                       [L, F, D]     (layers, mlp, embed)
+  layers.c_proj_bias                  [L, D]        (layers, embed)
+  ln_f_scale / ln_f_bias              [D]           (embed,)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zerojax import compute
+from zerojax.models import layers as L
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Hugging Face `GPT2Config` fields and defaults (the subset this model implements).
+
+    `n_inner` left as None resolves to `4 * n_embd`.
+    """
+
+    vocab_size: int = 50257
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_positions: int = 1024
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    activation_function: str = "gelu_new"
+
+    def __post_init__(self):
+        L.check_ints(self, "vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
+        L.check_positive(self, "vocab_size", "n_embd", "n_layer", "n_head", "n_positions",
+                         "layer_norm_epsilon", "initializer_range")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is None:
+            object.__setattr__(self, "n_inner", 4 * self.n_embd)
+        L.check_ints(self, "n_inner")
+        L.check_positive(self, "n_inner")
+        L.activation(self.activation_function)      # raises on an unsupported name
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def layer_specs(cfg: GPT2Config) -> dict[str, L.ParamSpec]:
+    """Per-layer params (without the leading `layers` axis)."""
+    D, F, H, K = cfg.n_embd, cfg.n_inner, cfg.n_head, cfg.head_dim
+    w = L.normal(cfg.initializer_range)
+    # Hugging Face scales the residual output projections by 1/sqrt(2 * n_layer).
+    w_out = L.normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
+    return {
+        "ln_1_scale": L.ParamSpec((D,), ("embed",), L.ones),
+        "ln_1_bias": L.ParamSpec((D,), ("embed",), L.zeros),
+        "q_proj": L.ParamSpec((D, H, K), ("embed", "heads", "head_dim"), w),
+        "k_proj": L.ParamSpec((D, H, K), ("embed", "heads", "head_dim"), w),
+        "v_proj": L.ParamSpec((D, H, K), ("embed", "heads", "head_dim"), w),
+        "q_bias": L.ParamSpec((H, K), ("heads", "head_dim"), L.zeros),
+        "k_bias": L.ParamSpec((H, K), ("heads", "head_dim"), L.zeros),
+        "v_bias": L.ParamSpec((H, K), ("heads", "head_dim"), L.zeros),
+        "attn_proj": L.ParamSpec((H, K, D), ("heads", "head_dim", "embed"), w_out),
+        "attn_proj_bias": L.ParamSpec((D,), ("embed",), L.zeros),
+        "ln_2_scale": L.ParamSpec((D,), ("embed",), L.ones),
+        "ln_2_bias": L.ParamSpec((D,), ("embed",), L.zeros),
+        "c_fc": L.ParamSpec((D, F), ("embed", "mlp"), w),
+        "c_fc_bias": L.ParamSpec((F,), ("mlp",), L.zeros),
+        "c_proj": L.ParamSpec((F, D), ("mlp", "embed"), w_out),
+        "c_proj_bias": L.ParamSpec((D,), ("embed",), L.zeros),
+    }
+
+
+WTE_AXES = ("vocab", "embed")
+WPE_AXES = ("positions", "embed")
+NORM_AXES = ("embed",)
+
+
+def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, p["q_proj"]) + p["q_bias"]
+    k_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, p["k_proj"]) + p["k_bias"]
+    v_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, p["v_proj"]) + p["v_bias"]
+    out_BLHK = L.causal_attention(q_BLHK, k_BLHK, v_BLHK)
+    return jnp.einsum("blhk,hkd->bld", out_BLHK, p["attn_proj"]) + p["attn_proj_bias"]
+
+
+def mlp_block(x_BLD: jax.Array, p: Mapping[str, jax.Array], act) -> jax.Array:
+    h_BLF = act(jnp.einsum("bld,df->blf", x_BLD, p["c_fc"]) + p["c_fc_bias"])
+    return jnp.einsum("blf,fd->bld", h_BLF, p["c_proj"]) + p["c_proj_bias"]
+
+
+def block(x_BLD: jax.Array, p: Mapping[str, jax.Array], eps: float, act) -> jax.Array:
+    x_BLD = x_BLD + attention_block(L.layer_norm(x_BLD, p["ln_1_scale"], p["ln_1_bias"], eps), p)
+    return x_BLD + mlp_block(L.layer_norm(x_BLD, p["ln_2_scale"], p["ln_2_bias"], eps), p, act)
+
+
+class GPT2(nnx.Module):
+    """Causal GPT-2; `model(batch)` is the mean next-token loss, `model.logits(ids)` fp32 logits."""
+
+    # Casts and gathers its params per layer through zerojax.compute; the engine must not pre-cast.
+    zerojax_casts_per_layer = True
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        w = L.normal(cfg.initializer_range)
+        D = cfg.n_embd
+        self.wte = L.make_param(L.ParamSpec((cfg.vocab_size, D), WTE_AXES, w), rngs)
+        self.wpe = L.make_param(L.ParamSpec((cfg.n_positions, D), WPE_AXES, w), rngs)
+        self.layers = L.StackedLayers(layer_specs(cfg), cfg.n_layer, rngs=rngs)
+        self.ln_f_scale = L.make_param(L.ParamSpec((D,), NORM_AXES, L.ones), rngs)
+        self.ln_f_bias = L.make_param(L.ParamSpec((D,), NORM_AXES, L.zeros), rngs)
+
+    def hidden_states(self, input_ids_BL: jax.Array) -> jax.Array:
+        """Hidden states after `ln_f` [B, L, D] in the compute dtype."""
+        cfg = self.cfg
+        length = input_ids_BL.shape[1]
+        if length > cfg.n_positions:
+            raise ValueError(f"sequence length {length} exceeds n_positions ({cfg.n_positions})")
+        wte_VD = compute.for_compute(self.wte[...], WTE_AXES)
+        wpe_PD = compute.for_compute(self.wpe[...], WPE_AXES)
+        x_BLD = L.embed(wte_VD, input_ids_BL) + wpe_PD[None, :length]
+        x_BLD = compute.constrain(x_BLD, L.BLD)
+
+        eps, act = cfg.layer_norm_epsilon, L.activation(cfg.activation_function)
+        x_BLD = L.scan_layers(lambda x, p: block(x, p, eps, act), x_BLD, self.layers.arrays(),
+                              L.layer_axes(layer_specs(cfg)))
+        scale_D = compute.for_compute(self.ln_f_scale[...], NORM_AXES)
+        bias_D = compute.for_compute(self.ln_f_bias[...], NORM_AXES)
+        return L.layer_norm(x_BLD, scale_D, bias_D, eps)
+
+    def logits(self, input_ids_BL: jax.Array) -> jax.Array:
+        """fp32 logits [B, L, V] through the tied head (`wte`)."""
+        x_BLD = self.hidden_states(input_ids_BL)
+        return L.lm_logits(x_BLD, compute.for_compute(self.wte[...], WTE_AXES))
+
+    def __call__(self, batch: Mapping[str, Any]) -> jax.Array:
+        """Scalar fp32 mean cross-entropy of next-token prediction (Hugging Face shift)."""
+        L.check_batch(batch)
+        return L.next_token_loss(self.logits(jnp.asarray(batch["input_ids"])), batch)

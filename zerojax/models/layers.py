@@ -1,0 +1,238 @@
+"""Pieces shared by the reference models: params with logical axes, stacked layers, norms,
+rotary embeddings, attention and the next-token loss.
+
+Every op a later kernel may replace (attention, norms) is one small function here, so
+plugging in a fused kernel is a one-line change at that function.
+
+Logical axis names (the partition rules map them to mesh axes):
+  params      layers, vocab, embed, mlp, heads, kv_heads, head_dim, positions
+  activations batch, length, embed, heads, kv_heads, head_dim, mlp, vocab
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zerojax import compute
+
+PARAM_AXES = ("layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "positions")
+ACTIVATION_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+
+BLD = ("batch", "length", "embed")      # residual stream
+BLV = ("batch", "length", "vocab")      # logits
+
+IGNORE_INDEX = -100                     # Hugging Face's "no loss here" label
+
+Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+
+
+# ----------------------------------------------------------------------------- params
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Shape, logical axis names and initializer of one param (per layer for stacked ones)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: Initializer
+
+    def __post_init__(self):
+        if len(self.shape) != len(self.axes):
+            raise ValueError(f"shape {self.shape} and axes {self.axes} differ in rank")
+        unknown = [a for a in self.axes if a not in PARAM_AXES]
+        if unknown:
+            raise ValueError(f"unknown logical axes {unknown}; known: {PARAM_AXES}")
+
+
+def normal(std: float) -> Initializer:
+    return jax.nn.initializers.normal(stddev=std)
+
+
+ones: Initializer = jax.nn.initializers.ones
+zeros: Initializer = jax.nn.initializers.zeros
+
+
+def make_param(spec: ParamSpec, rngs: nnx.Rngs) -> nnx.Param:
+    """An fp32 `nnx.Param` carrying its logical axis names as sharding metadata."""
+    value = spec.init(rngs.params(), spec.shape, jnp.float32)
+    return nnx.Param(value, out_sharding=spec.axes, eager_sharding=False)
+
+
+class StackedLayers(nnx.Module):
+    """The params of all transformer layers, each with a leading `layers` axis.
+
+    One attribute per param name; `arrays()` gives the stacked arrays as a dict, which
+    `scan_layers` slices one layer at a time.
+    """
+
+    def __init__(self, specs: Mapping[str, ParamSpec], num_layers: int, *, rngs: nnx.Rngs):
+        self.names = tuple(specs)
+        for name, spec in specs.items():
+            stacked = ParamSpec((num_layers, *spec.shape), ("layers", *spec.axes), spec.init)
+            setattr(self, name, make_param(stacked, rngs))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+def layer_axes(specs: Mapping[str, ParamSpec]) -> dict[str, tuple[str, ...]]:
+    """Per-layer logical axes (without `layers`), the pytree `compute.for_compute` takes."""
+    return {name: spec.axes for name, spec in specs.items()}
+
+
+def scan_layers(block: Callable, x_BLD: jax.Array, stacked: Mapping[str, jax.Array],
+                axes: Mapping[str, tuple[str, ...]]) -> jax.Array:
+    """Run `block(x_BLD, layer_params)` over the stacked layers with one `lax.scan`.
+
+    Each step brings its layer's params to compute form (dtype; gathered under ZeRO-3),
+    is wrapped by the policy's remat, and pins the residual stream's layout.
+    """
+    def body(x_BLD, layer_params):
+        p = compute.for_compute(layer_params, axes)
+        x_BLD = block(x_BLD, p)
+        return compute.constrain(x_BLD, BLD), None
+
+    x_BLD, _ = jax.lax.scan(compute.remat(body), x_BLD, dict(stacked))
+    return x_BLD
+
+
+# ----------------------------------------------------------------------------- math
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Llama RMSNorm as Hugging Face computes it: normalise in fp32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+    return scale * normed
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm computed in fp32 (scale and bias included), cast back to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(variance + eps)
+    out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def rope_cos_sin(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """fp32 cos/sin tables [length, head_dim] in Hugging Face's layout (frequencies repeated)."""
+    inv_freq_K = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    positions_L = jnp.arange(length, dtype=jnp.float32)
+    freqs_LK = positions_L[:, None] * inv_freq_K[None, :]
+    angles_LD = jnp.concatenate([freqs_LK, freqs_LK], axis=-1)
+    return jnp.cos(angles_LD), jnp.sin(angles_LD)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x_BLHK: jax.Array, cos_LK: jax.Array, sin_LK: jax.Array) -> jax.Array:
+    """Rotary embedding, `x * cos + rotate_half(x) * sin` with tables cast to x's dtype."""
+    cos = cos_LK[None, :, None, :].astype(x_BLHK.dtype)
+    sin = sin_LK[None, :, None, :].astype(x_BLHK.dtype)
+    return x_BLHK * cos + rotate_half(x_BLHK) * sin
+
+
+def causal_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array) -> jax.Array:
+    """Causal softmax attention scaled by 1/sqrt(head_dim); softmax in fp32.
+
+    K/V may have fewer heads than Q (grouped-query attention): query head h uses K/V
+    head h // (H / G), as Hugging Face's `repeat_kv` does.
+    """
+    return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, is_causal=True)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def embed(table_VD: jax.Array, input_ids_BL: jax.Array) -> jax.Array:
+    """Token embedding lookup from a table already in compute form."""
+    return jnp.take(table_VD, input_ids_BL, axis=0)
+
+
+def lm_logits(x_BLD: jax.Array, head_VD: jax.Array) -> jax.Array:
+    """fp32 logits from the final hidden states and an output table laid out [vocab, embed]."""
+    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, head_VD, preferred_element_type=jnp.float32)
+    return compute.constrain(logits_BLV.astype(jnp.float32), BLV)
+
+
+# ----------------------------------------------------------------------------- batch and loss
+
+BATCH_KEYS = ("input_ids", "labels", "loss_mask")
+
+
+def check_batch(batch: Mapping[str, Any]) -> None:
+    """Fail loudly on a batch the models would otherwise misread (e.g. an `attention_mask`)."""
+    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unsupported batch keys {unknown}; a batch holds 'input_ids' [B, L] and optionally "
+            f"'labels' (-100 = ignore) or 'loss_mask' (0/1); mask padding through those")
+    if "input_ids" not in batch:
+        raise ValueError("batch has no 'input_ids'")
+    ids = jnp.asarray(batch["input_ids"])
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be an integer [batch, length] array, got {ids.dtype}{list(ids.shape)}")
+    for key in ("labels", "loss_mask"):
+        if key in batch and jnp.shape(batch[key]) != ids.shape:
+            raise ValueError(f"{key} has shape {jnp.shape(batch[key])}, input_ids {ids.shape}")
+
+
+def next_token_loss(logits_BLV: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+    """Mean fp32 cross-entropy of position t predicting token t+1 over unmasked targets.
+
+    Targets are `labels[:, 1:]` if given, else `input_ids[:, 1:]`; a target counts when it
+    is not -100 and (if given) `loss_mask[:, 1:]` is nonzero. No counted target gives 0.
+    """
+    source = batch["labels"] if "labels" in batch else batch["input_ids"]
+    targets_BT = jnp.asarray(source)[:, 1:].astype(jnp.int32)
+    mask_BT = targets_BT != IGNORE_INDEX
+    if "loss_mask" in batch:
+        mask_BT = mask_BT & (jnp.asarray(batch["loss_mask"])[:, 1:] != 0)
+
+    logits_BTV = logits_BLV[:, :-1].astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    safe_targets_BT = jnp.where(mask_BT, targets_BT, 0)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, safe_targets_BT[..., None], axis=-1)[..., 0]
+    nll_BT = jnp.where(mask_BT, log_z_BT - target_logit_BT, 0.0)
+    count = jnp.sum(mask_BT.astype(jnp.float32))
+    return jnp.sum(nll_BT) / jnp.maximum(count, 1.0)
+
+
+# ----------------------------------------------------------------------------- config checks
+
+def check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                or (isinstance(value, float) and not math.isfinite(value)):
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive number, got {value!r}")
+
+
+def check_ints(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{type(config).__name__}.{name} must be an int, got {value!r}")
