@@ -149,6 +149,12 @@ def causal_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array) ->
     K/V may have fewer heads than Q (grouped-query attention): query head h uses K/V
     head h // (H / G), as Hugging Face's `repeat_kv` does.
     """
+    if q_BLHK.dtype == jnp.float16:
+        # XLA's attention asks for an fp16 x fp16 -> fp32 dot algorithm that XLA:CPU rejects
+        # at compile time; run the fp16 case in fp32 and cast back (fused kernels replace this).
+        out = jax.nn.dot_product_attention(*(t.astype(jnp.float32) for t in (q_BLHK, k_BLGK, v_BLGK)),
+                                           is_causal=True)
+        return out.astype(jnp.float16)
     return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, is_causal=True)
 
 
@@ -174,7 +180,10 @@ def embed(table_VD: jax.Array, input_ids_BL: jax.Array) -> jax.Array:
 
 def lm_logits(x_BLD: jax.Array, head_VD: jax.Array) -> jax.Array:
     """fp32 logits from the final hidden states and an output table laid out [vocab, embed]."""
-    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, head_VD, preferred_element_type=jnp.float32)
+    # fp16 x fp16 -> fp32 dots are not supported by XLA:CPU; fp16 logits are upcast after the
+    # matmul instead (as Hugging Face does), bf16 and fp32 accumulate in fp32 directly.
+    accumulate = None if x_BLD.dtype == jnp.float16 else jnp.float32
+    logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, head_VD, preferred_element_type=accumulate)
     return compute.constrain(logits_BLV.astype(jnp.float32), BLV)
 
 

@@ -1,0 +1,49 @@
+"""Per-device bytes of each ZeRO stage, from the arrays' shards and the compiler."""
+from __future__ import annotations
+
+import jax
+import pytest
+
+import zerojax
+from tests.helpers import tiny_llama, token_batches
+
+
+def engine_for(stage: int, gas: int = 1):
+    config = {"train_batch_size": 16, "gradient_accumulation_steps": gas,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    return zerojax.initialize(model_fn=tiny_llama, config=config,
+                              example_batch=token_batches(1, 16)[0])
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {stage: engine_for(stage).memory_report() for stage in (0, 1, 2, 3)}
+
+
+def test_stage0_holds_everything(reports):
+    n_params = sum(p.size for p in jax.tree.leaves(engine_for(0).state.params))
+    assert reports[0]["params"] == 4 * n_params
+    # Adam: two moments per param plus a few scalars (step count, injected hyperparams).
+    assert 8 * n_params <= reports[0]["optimizer"] <= 8 * n_params + 64
+
+
+def test_stage1_shards_optimizer_state(reports):
+    assert reports[1]["params"] == reports[0]["params"]
+    assert reports[1]["optimizer"] <= reports[0]["optimizer"] / 8 + 64
+
+
+def test_stage2_shards_gradients_and_cuts_temp(reports):
+    assert reports[2]["grads"] == reports[0]["grads"] // 8
+    assert reports[2]["temp"] < reports[1]["temp"]
+
+
+def test_stage3_model_state_is_an_eighth(reports):
+    state = lambda r: r["params"] + r["optimizer"]
+    assert state(reports[3]) <= state(reports[0]) / 7.5
+    assert reports[3]["params"] == reports[0]["params"] // 8
+
+
+def test_stage3_gathers_params_inside_the_layer_scan():
+    hlo = engine_for(3).lower_train_step(token_batches(1, 16)[0]).compile().as_text()
+    assert "all-gather" in hlo

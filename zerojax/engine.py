@@ -1,0 +1,248 @@
+"""`zerojax.initialize` and the Engine: state, the compiled step, eval, memory report.
+
+Data flows one way: config -> mesh -> abstract model (eval_shape) -> logical axes ->
+StateLayout (ZeRO stage) -> state created directly into its shards -> one jitted step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from zerojax import compute, optim, partition, precision
+from zerojax.config import BatchSizes, Config, ConfigError
+from zerojax.mesh import BATCH_AXES, build_mesh, data_parallel_size
+from zerojax.step import StepSpec, TrainState, eval_loss, train_step
+
+
+def _replicated(mesh, x) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(*([None] * np.ndim(x))))
+
+
+def _bytes_per_device(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree laid out by `shardings` (layouts are symmetric)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += math.prod(sharding.shard_shape(np.shape(leaf))) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def decay_mask(logical: Any, abstract_params: Any, mode: str) -> Any:
+    """`no_bias_norm`: decay only matrices (>= 2 dims besides the stacked `layers` axis)."""
+    if mode == "all":
+        return None
+
+    def is_matrix(axes, p):
+        dims = len(p.shape) if axes is None else sum(a != "layers" for a in axes)
+        return dims >= 2
+
+    return jax.tree.map(is_matrix, logical, abstract_params,
+                        is_leaf=lambda x: x is None or isinstance(x, tuple))
+
+
+class Engine:
+    """One model, one optimizer, one mesh: DeepSpeed's engine as a compiled JAX program."""
+
+    def __init__(self, *, config: Config, model: nnx.Module | None = None,
+                 model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None,
+                 optimizer: optax.GradientTransformation | None = None,
+                 example_batch: Mapping[str, Any] | None = None, devices=None,
+                 abstract: bool = False):
+        if (model is None) == (model_fn is None):
+            raise TypeError("pass exactly one of model= (an nnx.Module) or model_fn= (rngs -> nnx.Module)")
+        self.config = config
+        self.mesh = build_mesh(config, devices)
+        self.batch_sizes: BatchSizes = config.resolve_batch(data_parallel_size(self.mesh))
+        self.compute_dtype = precision.compute_dtype(config)
+
+        seed = config.zerojax.seed
+        with nnx.use_eager_sharding(False):
+            abstract_model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed))) if model_fn else model
+            self.graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+        self._casts_per_layer = bool(getattr(abstract_model, "zerojax_casts_per_layer", False))
+        logical = partition.logical_axes(abstract_params)
+        abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                       nnx.to_pure_dict(abstract_params))
+        abstract_rest = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                     nnx.to_pure_dict(abstract_rest))
+        stage = config.zero_optimization.stage
+        self.layout = partition.make_layout(
+            abstract_params, logical, self.mesh, stage,
+            persistence_threshold=config.zero_optimization.stage3_param_persistence_threshold)
+
+        self.tx = optim.build_optimizer(
+            config, optimizer=optimizer,
+            decay_mask=decay_mask(logical, abstract_params, config.zerojax.weight_decay_mask))
+        self.lr_fn = optim.lr_schedule(config, optimizer=optimizer)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        opt_specs = self.layout.optimizer_specs(self.tx, abstract_opt)
+
+        loss_scale = precision.init_loss_scale(config)
+        replicated = lambda tree: jax.tree.map(lambda x: _replicated(self.mesh, x), tree)
+        self.state_shardings = TrainState(
+            params=self.layout.shardings(self.layout.params),
+            opt_state=self.layout.shardings(opt_specs),
+            step=_replicated(self.mesh, 0),
+            loss_scale=replicated(loss_scale),
+            model_state=replicated(abstract_rest),
+        )
+        self._abstract_params = abstract_params
+        if abstract:
+            # Shapes and shardings only: plan memory and compile for models that do not fit here.
+            as_struct = lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh)
+            self.state = jax.tree.map(as_struct, TrainState(abstract_params, abstract_opt, np.int32(0),
+                                                            jax.tree.map(np.asarray, loss_scale),
+                                                            abstract_rest), self.state_shardings)
+        else:
+            self.state: TrainState = self._create_state(model, model_fn, seed, loss_scale)
+
+        remat = config.zerojax.remat
+        if remat == "auto":
+            remat = "full" if stage >= 3 else "none"
+        self.policy = compute.ComputePolicy(
+            dtype=self.compute_dtype, mesh=self.mesh, rules=partition.RULES,
+            gather_params=stage >= 3, remat=remat,
+            kernels="xla" if config.zerojax.kernels == "auto" else config.zerojax.kernels)
+        self.step_spec = StepSpec(
+            graphdef=self.graphdef, tx=self.tx, lr_fn=self.lr_fn, policy=self.policy,
+            grad_specs=self.layout.grads, micro_batches=self.batch_sizes.gradient_accumulation_steps,
+            gradient_clipping=config.gradient_clipping, fp16=config.fp16.enabled, config=config,
+            cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32)
+        metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
+        self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
+                                   out_shardings=(self.state_shardings, metrics_sharding),
+                                   donate_argnums=0)
+        self._eval_step = jax.jit(functools.partial(eval_loss, self.step_spec),
+                                  out_shardings=metrics_sharding)
+        self._example_batch = example_batch
+
+    # ---- state creation -------------------------------------------------------------
+    def _create_state(self, model, model_fn, seed, loss_scale) -> TrainState:
+        shardings = self.state_shardings
+        if model_fn is not None:
+            # Build the model inside jit with sharded outputs: no device ever holds it whole.
+            def init():
+                with nnx.use_eager_sharding(False):
+                    built = model_fn(nnx.Rngs(seed))
+                _, params, rest = nnx.split(built, nnx.Param, ...)
+                return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+            params, rest = jax.jit(init, out_shardings=(shardings.params, shardings.model_state))()
+        else:
+            _, params, rest = nnx.split(model, nnx.Param, ...)
+            # From host numpy: a device_put of a live single-device buffer can alias it,
+            # and donating the aliased buffer later fails.
+            params = jax.device_put(jax.tree.map(np.asarray, nnx.to_pure_dict(params)), shardings.params)
+            rest = jax.device_put(jax.tree.map(self._host_copy, nnx.to_pure_dict(rest)), shardings.model_state)
+        opt_state = jax.jit(self.tx.init, out_shardings=shardings.opt_state)(params)
+        return TrainState(
+            params=params, opt_state=opt_state,
+            step=jax.device_put(np.asarray(0, np.int32), shardings.step),
+            loss_scale=jax.device_put(jax.tree.map(np.asarray, loss_scale), shardings.loss_scale),
+            model_state=rest)
+
+    @staticmethod
+    def _host_copy(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return np.asarray(x)
+
+    # ---- batches ----------------------------------------------------------------------
+    def batch_sharding(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+    def shard_batch(self, batch: Mapping[str, Any], rows: int | None = None) -> dict:
+        """Place a host batch on the mesh, rows split over the data axes.
+
+        In a multi-process run each process passes its own rows and the global array is
+        assembled from the process-local pieces.
+        """
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"a batch is a dict of arrays, got {type(batch).__name__}")
+        out = {}
+        for key, value in batch.items():
+            value = np.asarray(value) if not isinstance(value, jax.Array) else value
+            if rows is not None and value.shape[0] != rows // jax.process_count():
+                raise ValueError(
+                    f"batch[{key!r}] has {value.shape[0]} rows; this step needs train_batch_size "
+                    f"{rows}" + (f" / {jax.process_count()} processes = {rows // jax.process_count()}"
+                                 if jax.process_count() > 1 else "")
+                    + " rows (micro batch × gradient_accumulation_steps × data-parallel size)")
+            sharding = self.batch_sharding(value.ndim)
+            if jax.process_count() > 1:
+                out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            else:
+                out[key] = jax.device_put(value, sharding)
+        return out
+
+    # ---- the API -----------------------------------------------------------------------
+    def train_step(self, batch: Mapping[str, Any]) -> dict:
+        """One optimizer step over `train_batch_size` rows; returns metrics (0-d jax arrays)."""
+        batch = self.shard_batch(batch, rows=self.batch_sizes.train_batch_size)
+        self.state, metrics = self._train_step(self.state, batch)
+        return metrics
+
+    def eval_step(self, batch: Mapping[str, Any]) -> jax.Array:
+        """Model loss on a batch (rows divisible by the data-parallel size), no update."""
+        rows = next(iter(batch.values())).shape[0] * jax.process_count()
+        dp = data_parallel_size(self.mesh)
+        if rows % dp:
+            raise ValueError(f"eval batch has {rows} rows, not divisible by the data-parallel size {dp}")
+        return self._eval_step(self.state, self.shard_batch(batch))
+
+    @property
+    def params(self) -> Any:
+        return self.state.params
+
+    def model(self) -> nnx.Module:
+        """The module with the current params (for inspection; arrays stay sharded)."""
+        return nnx.merge(self.graphdef, self.state.params, self.state.model_state)
+
+    def lower_train_step(self, batch: Mapping[str, Any] | None = None):
+        """The step lowered for a batch shape (the example batch by default); nothing runs."""
+        batch = batch if batch is not None else self._example_batch
+        if batch is None:
+            raise ValueError("memory_report needs a batch shape: pass example_batch= to initialize, "
+                             "run a train_step first, or pass batch=")
+        abstract_batch = {
+            k: jax.ShapeDtypeStruct((self.batch_sizes.train_batch_size,) + tuple(np.shape(v)[1:]),
+                                    np.asarray(v).dtype if not isinstance(v, jax.ShapeDtypeStruct) else v.dtype,
+                                    sharding=self.batch_sharding(np.ndim(v) if not isinstance(v, jax.ShapeDtypeStruct) else len(v.shape)))
+            for k, v in batch.items()}
+        return self._train_step.lower(self.state, abstract_batch)
+
+    def memory_report(self, batch: Mapping[str, Any] | None = None) -> dict[str, int]:
+        """Per-device bytes: params, grads, optimizer, temp (compiler), total."""
+        compiled = self.lower_train_step(batch).compile()
+        analysis = compiled.memory_analysis()
+        params = _bytes_per_device(self.state.params, self.state_shardings.params)
+        optimizer = _bytes_per_device(self.state.opt_state, self.state_shardings.opt_state)
+        grads = _bytes_per_device(self._abstract_params, self.layout.shardings(self.layout.grads))
+        temp = int(analysis.temp_size_in_bytes)
+        return {"params": params, "grads": grads, "optimizer": optimizer, "temp": temp,
+                "arguments": int(analysis.argument_size_in_bytes),
+                "total": params + optimizer + temp}
+
+
+def initialize(model: nnx.Module | None = None, config: Any = None, *,
+               model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None,
+               optimizer: optax.GradientTransformation | None = None,
+               example_batch: Mapping[str, Any] | None = None, devices=None,
+               abstract: bool = False) -> Engine:
+    """Build an Engine from a module (or `model_fn(rngs)`) and a DeepSpeed config (dict or path).
+
+    `abstract=True` creates no arrays: the state is ShapeDtypeStructs with their
+    shardings, enough for `memory_report()` and ahead-of-time compilation of any size.
+    """
+    if config is None:
+        raise ConfigError("initialize() needs config= (a DeepSpeed JSON dict or a path to one)")
+    return Engine(config=Config.load(config), model=model, model_fn=model_fn, optimizer=optimizer,
+                  example_batch=example_batch, devices=devices, abstract=abstract)

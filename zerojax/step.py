@@ -1,0 +1,148 @@
+"""The pure train step: micro-batch scan, loss scaling, clipping, update, overflow skip.
+
+Everything here is traced once into one SPMD program by the engine; shardings come in
+as spec trees from `partition.StateLayout`, so this file knows nothing about meshes
+beyond "constrain this tree to that layout".
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from zerojax import compute, precision
+from zerojax.precision import LossScaleState
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes; a pytree of jax.Arrays."""
+
+    params: Any                 # pure dict of fp32 master params
+    opt_state: Any              # optax state
+    step: jax.Array             # int32: optimizer steps applied so far
+    loss_scale: LossScaleState
+    model_state: Any            # the module's non-param variables (pure dict), e.g. RNG counters
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the step needs besides the state; fixed per compiled program."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    lr_fn: Callable[[jax.Array], jax.Array]
+    policy: compute.ComputePolicy
+    grad_specs: Any                      # PartitionSpec tree for gradients (ZeRO-2: sharded)
+    micro_batches: int
+    gradient_clipping: float
+    fp16: bool
+    config: Any                          # zerojax.Config, for the loss-scaler rules
+    cast_params_whole: bool              # the model does not cast per layer itself
+
+
+def _constrain(tree: Any, specs: Any, mesh) -> Any:
+    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s)),
+                        tree, specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
+def model_loss(spec: StepSpec, params: Any, model_state: Any, batch: Any):
+    """Run the module on one batch under the compute policy; returns (loss_f32, (metrics, new_model_state))."""
+    with compute.use(spec.policy):
+        if spec.cast_params_whole:
+            params = jax.tree.map(compute.cast, params)
+        model = nnx.merge(spec.graphdef, params, model_state)
+        out = model(batch)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return jnp.asarray(loss, jnp.float32), (metrics, nnx.to_pure_dict(new_model_state))
+
+
+def split_micro_batches(batch: Any, micro_batches: int) -> Any:
+    """[B, ...] -> [M, B/M, ...] with row r in micro-batch r % M.
+
+    This keeps each device's rows on that device (no all-to-all) and assigns rows to
+    micro-batches the same way whatever the device count.
+    """
+    def split(x):
+        rows = x.shape[0]
+        return x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(spec: StepSpec, state: TrainState, batch: Any):
+    """Mean loss and summed scaled gradients over the micro-batches, in one scan."""
+    scale = state.loss_scale.scale
+
+    def scaled_loss(params, model_state, micro_batch):
+        loss, aux = model_loss(spec, params, model_state, micro_batch)
+        return loss * scale, (loss, aux)
+
+    grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
+    mesh = spec.policy.mesh
+
+    def one(model_state, micro_batch):
+        (_, (loss, (metrics, model_state))), grads = grad_fn(state.params, model_state, micro_batch)
+        return _constrain(grads, spec.grad_specs, mesh), loss, metrics, model_state
+
+    if spec.micro_batches == 1:
+        grads, loss, metrics, model_state = one(state.model_state, batch)
+        return grads, loss, metrics, model_state
+
+    micro = split_micro_batches(batch, spec.micro_batches)
+    zeros = _constrain(jax.tree.map(jnp.zeros_like, state.params), spec.grad_specs, mesh)
+
+    def body(carry, micro_batch):
+        acc, model_state = carry
+        grads, loss, metrics, model_state = one(model_state, micro_batch)
+        acc = jax.tree.map(jnp.add, acc, grads)
+        return (acc, model_state), (loss, metrics)
+
+    (grads, model_state), (losses, metrics) = jax.lax.scan(body, (zeros, state.model_state), micro)
+    return grads, jnp.mean(losses), jax.tree.map(jnp.mean, metrics), model_state
+
+
+def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    grads, loss, model_metrics, model_state = accumulate_gradients(spec, state, batch)
+    # Unscale and average over micro-batches (DeepSpeed divides the loss by gas).
+    grads = jax.tree.map(lambda g: g / (state.loss_scale.scale * spec.micro_batches), grads)
+
+    grad_norm = optax.tree.norm(grads)
+    if spec.gradient_clipping > 0:
+        # DeepSpeed: clip_coef = max_norm / (norm + 1e-6), applied only when < 1.
+        coef = spec.gradient_clipping / (grad_norm + 1e-6)
+        grads = jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0), grads)
+
+    lr = spec.lr_fn(state.step)
+    updates, new_opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    overflow = ~jnp.isfinite(grad_norm) if spec.fp16 else jnp.asarray(False)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(overflow, o, n), new, old)
+    new_state = TrainState(
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        step=state.step + jnp.where(overflow, 0, 1).astype(jnp.int32),
+        loss_scale=precision.update_loss_scale(state.loss_scale, overflow, spec.config),
+        model_state=model_state,
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": jnp.asarray(lr, jnp.float32),
+        "loss_scale": state.loss_scale.scale,
+        "skipped": overflow,
+        "step": new_state.step,
+        **{k: jnp.asarray(v, jnp.float32) for k, v in model_metrics.items()},
+    }
+    return new_state, metrics
+
+
+def eval_loss(spec: StepSpec, state: TrainState, batch: Any) -> jax.Array:
+    loss, _ = model_loss(spec, state.params, state.model_state, batch)
+    return loss
