@@ -45,7 +45,7 @@ def stdlib_bytes(limit: int = 4_000_000) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
     args = parser.parse_args()
 
     tokens = stdlib_bytes()
@@ -53,7 +53,7 @@ def main() -> None:
     train, val = tokens[:split], tokens[split:]
     config = {
         "train_batch_size": 16,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 0.01}},
         "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": args.steps,
                                                               "warmup_num_steps": 20}},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

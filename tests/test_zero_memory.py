@@ -47,3 +47,15 @@ def test_stage3_model_state_is_an_eighth(reports):
 def test_stage3_gathers_params_inside_the_layer_scan():
     hlo = engine_for(3).lower_train_step(token_batches(1, 16)[0]).compile().as_text()
     assert "all-gather" in hlo
+
+
+def test_stage3_remat_does_not_keep_gathered_params():
+    def temp(remat):
+        config = {"train_batch_size": 16, "optimizer": {"type": "AdamW"},
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "zerojax": {"remat": remat}}
+        engine = zerojax.initialize(model_fn=tiny_llama, config=config, abstract=True,
+                                    example_batch=token_batches(1, 16)[0])
+        return engine.memory_report()["temp"]
+
+    assert temp("full") < temp("none")
