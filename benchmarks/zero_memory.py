@@ -3,6 +3,7 @@
     python3 benchmarks/zero_memory.py          # part (a), then part (b) in a subprocess
     python3 benchmarks/zero_memory.py --small  # part (a) only: 8 simulated CPU devices
     python3 benchmarks/zero_memory.py --aot    # part (b) only: 64 simulated CPU devices
+    --remat full|minimal|none|auto             # activation policy for every stage (full)
 
 (a) The reference Llama at three sizes (~1M, ~10M, ~50M params) on 8 simulated devices,
     ZeRO stages 0-3, fp32, AdamW, `stage3_param_persistence_threshold: 0`. Params, grads
@@ -69,6 +70,10 @@ LLAMA_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=110
                        num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048)
 AOT_BATCH, AOT_SEQ = 64, 2048          # one 2048-token row per device
 
+# One activation policy for every stage, so temp differences come from ZeRO alone
+# ("full": each layer is recomputed in the backward pass; ZeRO-3 needs it anyway).
+REMAT = sys.argv[sys.argv.index("--remat") + 1] if "--remat" in sys.argv else "full"
+
 
 def engine_for(cfg: LlamaConfig, stage: int, rows: int, seq: int, bf16: bool):
     config = {
@@ -76,6 +81,7 @@ def engine_for(cfg: LlamaConfig, stage: int, rows: int, seq: int, bf16: bool):
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
         "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zerojax": {"remat": REMAT},
     }
     return zerojax.initialize(
         model_fn=lambda rngs: Llama(cfg, rngs=rngs), config=config,
@@ -96,10 +102,10 @@ def count_params(engine) -> int:
 def small_table() -> None:
     n = jax.device_count()
     print(f"(a) per-device MiB, {n} simulated CPU devices, fp32 + AdamW, batch {SMALL_BATCH} x "
-          f"{SMALL_SEQ} tokens, stage3_param_persistence_threshold 0")
-    head = (f"{'model':<10} {'Ψ':>11} {'stage':>5} | {'params':>8} {'grads':>8} {'optim':>8} "
-            f"{'temp':>8} | {'f.params':>8} {'f.grads':>8} {'f.optim':>8} | "
-            f"{'ratio P':>7} {'G':>5} {'O':>5} {'P+G+O':>6}")
+          f"{SMALL_SEQ} tokens, remat {REMAT}, stage3_param_persistence_threshold 0")
+    head = (f"{'model':<10} {'Ψ':>11} {'stage':>5} | {'params':>7} {'grads':>7} {'optim':>7} "
+            f"{'temp':>7} {'args':>7} | {'f.params':>8} {'f.grads':>7} {'f.optim':>7} | "
+            f"{'ratio P':>7} {'G':>5} {'O':>5} {'args/f(P+O)':>11}")
     print(head)
     print("-" * len(head))
     for name, cfg in SIZES.items():
@@ -109,19 +115,20 @@ def small_table() -> None:
             r = engine.memory_report()
             f = formula(psi, n, stage)
             ratio = {k: r[k] / f[k] for k in f}
-            total = sum(r[k] for k in f) / sum(f.values())
-            print(f"{name:<10} {psi:>11,} {stage:>5} | {r['params'] / MiB:>8.2f} {r['grads'] / MiB:>8.2f} "
-                  f"{r['optimizer'] / MiB:>8.2f} {r['temp'] / MiB:>8.2f} | {f['params'] / MiB:>8.2f} "
-                  f"{f['grads'] / MiB:>8.2f} {f['optimizer'] / MiB:>8.2f} | {ratio['params']:>7.3f} "
-                  f"{ratio['grads']:>5.3f} {ratio['optimizer']:>5.3f} {total:>6.3f}")
-    print("measured = engine.memory_report() (params/grads/optim from the shards, temp from the "
-          "compiler); f.* = ZeRO formula; ratio = measured / formula")
+            args = r["arguments"] / (f["params"] + f["optimizer"])
+            print(f"{name:<10} {psi:>11,} {stage:>5} | {r['params'] / MiB:>7.2f} {r['grads'] / MiB:>7.2f} "
+                  f"{r['optimizer'] / MiB:>7.2f} {r['temp'] / MiB:>7.2f} {r['arguments'] / MiB:>7.2f} | "
+                  f"{f['params'] / MiB:>8.2f} {f['grads'] / MiB:>7.2f} {f['optimizer'] / MiB:>7.2f} | "
+                  f"{ratio['params']:>7.3f} {ratio['grads']:>5.3f} {ratio['optimizer']:>5.3f} {args:>11.3f}")
+    print("params/grads/optim: engine.memory_report(), from each array's shard shape; temp, args: "
+          "the compiler's temp\nand argument bytes for the step (args = params + optimizer state + "
+          "batch shard + scalars);\nf.* = ZeRO formula; ratio = measured / formula")
 
 
 def aot_table() -> None:
     n = jax.device_count()
     print(f"(b) ~7B Llama, bf16 compute (fp32 master), AdamW, {n} simulated CPU devices, batch "
-          f"{AOT_BATCH} x {AOT_SEQ} tokens, abstract state, AOT compile; per-device GiB")
+          f"{AOT_BATCH} x {AOT_SEQ} tokens, remat {REMAT}, abstract state, AOT compile; per-device GiB")
     head = (f"{'stage':>5} | {'params':>7} {'grads':>7} {'optim':>7} {'temp':>7} {'P+O+temp':>8} | "
             f"{'formula P+G+O':>13} | {'compile s':>9}")
     print(head)
@@ -150,7 +157,7 @@ def main() -> int:
         return 0
     print(flush=True)
     # The device count is fixed when jax is imported: part (b) runs in its own process.
-    return subprocess.run([sys.executable, os.path.abspath(__file__), "--aot"]).returncode
+    return subprocess.run([sys.executable, os.path.abspath(__file__), "--aot", "--remat", REMAT]).returncode
 
 
 if __name__ == "__main__":

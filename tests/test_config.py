@@ -56,7 +56,7 @@ def test_defaults_of_other_sections():
     assert config.activation_checkpointing.partition_activations is False
     zj = config.zerojax
     assert (zj.mesh.data, zj.mesh.sequence, zj.mesh.tensor, zj.mesh.pipe, zj.mesh.replica) == (-1, 1, 1, 1, 1)
-    assert (zj.kernels, zj.remat, zj.weight_decay_mask) == ("auto", "full", "all")
+    assert (zj.kernels, zj.remat, zj.weight_decay_mask) == ("auto", "auto", "all")
     assert zj.sequence_parallel.strategy == "ulysses"
     assert (zj.model, zj.data, zj.train, zj.compilation_cache, zj.seed) == ({}, {}, {}, None, 0)
 

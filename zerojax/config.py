@@ -23,7 +23,8 @@ Schema (defaults in parentheses; DeepSpeed's docs describe the DeepSpeed keys)::
               activation_checkpoint_interval 0, seed_layers, pipe_partitioned, grad_partitioned}
     activation_checkpointing {partition_activations, cpu_checkpointing, ...}
     zerojax {mesh {data -1, sequence 1, tensor 1, pipe 1, replica 1},
-             kernels "auto"|"xla"|"pallas", remat "full"|"minimal"|"none" (or "auto"),
+             kernels "auto"|"xla"|"pallas", remat "auto"|"full"|"minimal"|"none" ("auto": full
+             under ZeRO-3 or with an activation_checkpointing section, else none),
              weight_decay_mask "all"|"no_bias_norm", sequence_parallel {strategy "ulysses"|"ring"},
              model {}, data {}, train {} (free-form), compilation_cache (None), seed 0}
 
@@ -130,7 +131,7 @@ class SequenceParallelConfig:
 class ZeroJaxConfig:
     mesh: MeshConfig = MeshConfig()
     kernels: str = "auto"
-    remat: str = "full"
+    remat: str = "auto"
     weight_decay_mask: str = "all"
     sequence_parallel: SequenceParallelConfig = SequenceParallelConfig()
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -518,7 +519,7 @@ _MESH = {"data": (_int(-1), -1), "sequence": (_int(1), 1), "tensor": (_int(1), 1
 _ZEROJAX = {
     "mesh": (lambda v, p: v, None), "sequence_parallel": (lambda v, p: v, None),  # parsed below
     "kernels": (_choice("auto", "xla", "pallas"), "auto"),
-    "remat": (_choice("full", "minimal", "none", "auto"), "full"),
+    "remat": (_choice("auto", "full", "minimal", "none"), "auto"),
     "weight_decay_mask": (_choice("all", "no_bias_norm"), "all"),
     "model": (_free_dict, {}), "data": (_free_dict, {}), "train": (_free_dict, {}),
     "compilation_cache": (_optional(_str), None), "seed": (_int(0), 0)}

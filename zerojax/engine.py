@@ -106,7 +106,10 @@ class Engine:
 
         remat = config.zerojax.remat
         if remat == "auto":
-            remat = "full" if stage >= 3 else "none"
+            # ZeRO-3 must not keep gathered params for the backward pass; otherwise follow
+            # DeepSpeed, where a user asks for activation checkpointing with its section.
+            wants_checkpointing = "activation_checkpointing" in config.raw
+            remat = "full" if stage >= 3 or wants_checkpointing else "none"
         self.policy = compute.ComputePolicy(
             dtype=self.compute_dtype, mesh=self.mesh, rules=partition.RULES,
             gather_params=stage >= 3, remat=remat,
