@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -17,8 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import compute, optim, partition, precision
+from zerojax import checkpoint, compute, optim, partition, precision
 from zerojax.config import BatchSizes, Config, ConfigError
+from zerojax.errors import CheckpointError
 from zerojax.mesh import BATCH_AXES, build_mesh, data_parallel_size
 from zerojax.step import StepSpec, TrainState, eval_loss, train_step
 
@@ -126,6 +129,11 @@ class Engine:
         self._eval_step = jax.jit(functools.partial(eval_loss, self.step_spec),
                                   out_shardings=metrics_sharding)
         self._example_batch = example_batch
+        self.global_steps = 0          # train_step calls, skipped ones included (DeepSpeed's count)
+        self._saver: checkpoint.Saver | None = None
+        cfg = getattr(abstract_model, "cfg", None)
+        self.model_section = ({"type": type(abstract_model).__name__.lower(), **dataclasses.asdict(cfg)}
+                              if dataclasses.is_dataclass(cfg) else None)
 
     # ---- state creation -------------------------------------------------------------
     def _create_state(self, model, model_fn, seed, loss_scale) -> TrainState:
@@ -191,6 +199,7 @@ class Engine:
         """One optimizer step over `train_batch_size` rows; returns metrics (0-d jax arrays)."""
         batch = self.shard_batch(batch, rows=self.batch_sizes.train_batch_size)
         self.state, metrics = self._train_step(self.state, batch)
+        self.global_steps += 1
         return metrics
 
     def eval_step(self, batch: Mapping[str, Any]) -> jax.Array:
@@ -208,6 +217,87 @@ class Engine:
     def model(self) -> nnx.Module:
         """The module with the current params (for inspection; arrays stay sharded)."""
         return nnx.merge(self.graphdef, self.state.params, self.state.model_state)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
+                        *, async_save: bool | None = None) -> str:
+        """Save params, optimizer state, step counters, loss scale and `client_state` (JSON).
+
+        DeepSpeed's semantics: the tag defaults to `global_step{N}` and `latest` names the
+        newest complete checkpoint. Call it on every process. With `async_save` training
+        goes on while the files are written; `latest` moves when they are complete.
+        """
+        train_cfg = self.config.zerojax.train
+        tag = tag if tag is not None else f"global_step{self.global_steps}"
+        client_state = dict(client_state or {})
+        try:
+            json.dumps(client_state)
+        except TypeError as e:
+            raise CheckpointError(f"client_state must be JSON-serialisable (it is stored as JSON, "
+                                  f"never pickled): {e}") from None
+        state = {"params": checkpoint.to_nested(self.state.params),
+                 "train": {"opt_state": checkpoint.to_nested(self.state.opt_state),
+                           "step": self.state.step,
+                           "loss_scale": checkpoint.to_nested(self.state.loss_scale),
+                           "model_state": checkpoint.to_nested(self.state.model_state)}}
+        meta = {"format": checkpoint.FORMAT_VERSION, "tag": tag, "global_steps": self.global_steps,
+                "params": checkpoint.shapes_of(checkpoint.to_nested(self.state.params)),
+                "opt_state": checkpoint.shapes_of(checkpoint.to_nested(self.state.opt_state)),
+                "fp16": self.config.fp16.enabled, "model": self.model_section,
+                "client_state": client_state}
+        if self._saver is None:
+            self._saver = checkpoint.Saver()
+        return self._saver.save(
+            save_dir, tag, state, meta,
+            async_save=bool(train_cfg.get("async_checkpointing", False) if async_save is None else async_save),
+            max_to_keep=train_cfg.get("max_to_keep"), keep_every=train_cfg.get("keep_every"))
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an asynchronous save has finished and `latest` names it."""
+        if self._saver is not None:
+            self._saver.wait()
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_optimizer_states: bool = True,
+                        load_module_only: bool = False) -> tuple[str, dict]:
+        """Restore onto this engine's layout (any device count, mesh or ZeRO stage).
+
+        Returns `(path, client_state)`. With `load_module_only` (or without optimizer
+        states) only the params are read and the optimizer starts fresh.
+        """
+        self.wait_for_checkpoint()
+        tag = checkpoint.resolve_tag(load_dir, tag)
+        where = os.path.join(load_dir, tag)
+        meta = checkpoint.read_meta(load_dir, tag)
+        checkpoint.check_params_match(meta, checkpoint.to_nested(self.state.params), where)
+        abstract = lambda tree, shardings: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+        target = {"params": checkpoint.to_nested(abstract(self.state.params, self.state_shardings.params))}
+        full = load_optimizer_states and not load_module_only
+        if full:
+            if meta["opt_state"] != checkpoint.shapes_of(checkpoint.to_nested(self.state.opt_state)):
+                raise CheckpointError(
+                    f"checkpoint {where} holds optimizer state of another optimizer or model; "
+                    f"load it with load_optimizer_states=False to start the optimizer fresh")
+            train = {"opt_state": checkpoint.to_nested(abstract(self.state.opt_state, self.state_shardings.opt_state)),
+                     "step": abstract(self.state.step, self.state_shardings.step),
+                     "model_state": checkpoint.to_nested(abstract(self.state.model_state,
+                                                                  self.state_shardings.model_state))}
+            if meta["fp16"] and self.config.fp16.enabled:   # a loss scale only means something in fp16
+                train["loss_scale"] = checkpoint.to_nested(abstract(self.state.loss_scale,
+                                                                    self.state_shardings.loss_scale))
+            target["train"] = train
+        restored = checkpoint.restore(load_dir, tag, target)
+        new = {"params": checkpoint.from_nested(self.state.params, restored["params"])}
+        if full:
+            train = restored["train"]
+            new["opt_state"] = checkpoint.from_nested(self.state.opt_state, train["opt_state"])
+            new["step"] = train["step"]
+            new["model_state"] = checkpoint.from_nested(self.state.model_state, train["model_state"])
+            if "loss_scale" in train:
+                new["loss_scale"] = checkpoint.from_nested(self.state.loss_scale, train["loss_scale"])
+            self.global_steps = int(meta["global_steps"])
+        self.state = self.state._replace(**new)
+        return where, meta["client_state"]
 
     def lower_train_step(self, batch: Mapping[str, Any] | None = None):
         """The step lowered for a batch shape (the example batch by default); nothing runs."""
