@@ -306,14 +306,19 @@ class Engine:
             raise ValueError("memory_report needs a batch shape: pass example_batch= to initialize, "
                              "run a train_step first, or pass batch=")
         abstract_batch = {
-            k: jax.ShapeDtypeStruct((self.batch_sizes.train_batch_size,) + tuple(np.shape(v)[1:]),
-                                    np.asarray(v).dtype if not isinstance(v, jax.ShapeDtypeStruct) else v.dtype,
-                                    sharding=self.batch_sharding(np.ndim(v) if not isinstance(v, jax.ShapeDtypeStruct) else len(v.shape)))
+            k: jax.ShapeDtypeStruct((self.batch_sizes.train_batch_size, *np.shape(v)[1:]),
+                                    getattr(v, "dtype", None) or np.asarray(v).dtype,
+                                    sharding=self.batch_sharding(len(np.shape(v))))
             for k, v in batch.items()}
         return self._train_step.lower(self.state, abstract_batch)
 
     def memory_report(self, batch: Mapping[str, Any] | None = None) -> dict[str, int]:
-        """Per-device bytes: params, grads, optimizer, temp (compiler), total."""
+        """Per-device bytes: params, grads, optimizer, temp (compiler), arguments, total.
+
+        params/grads/optimizer come from the shardings; temp and arguments from the
+        compiler. Gradients live inside temp (made and consumed within the step), so
+        total = params + optimizer + temp.
+        """
         compiled = self.lower_train_step(batch).compile()
         analysis = compiled.memory_analysis()
         params = _bytes_per_device(self.state.params, self.state_shardings.params)
