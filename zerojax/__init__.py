@@ -1,7 +1,8 @@
 """zerojax: DeepSpeed-style training (ZeRO 0-3, mixed precision) as one compiled JAX program."""
 from zerojax.config import Config, ConfigError
 from zerojax.engine import Engine, initialize
+from zerojax.errors import CheckpointError
 from zerojax.linen import from_linen
 
-__all__ = ["Config", "ConfigError", "Engine", "initialize", "from_linen"]
+__all__ = ["CheckpointError", "Config", "ConfigError", "Engine", "initialize", "from_linen"]
 __version__ = "0.1.0"

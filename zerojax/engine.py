@@ -214,6 +214,18 @@ class Engine:
     def params(self) -> Any:
         return self.state.params
 
+    def set_params(self, params: Any) -> None:
+        """Replace the params (e.g. from `zerojax.hf.load_params(dir, shardings=...)`); the
+        optimizer state is kept. Shapes must match; arrays are moved to this engine's layout."""
+        want = checkpoint.shapes_of(checkpoint.to_nested(self.state.params))
+        got = checkpoint.shapes_of(checkpoint.to_nested(params))
+        if {k: v[0] for k, v in want.items()} != {k: v[0] for k, v in got.items()}:
+            bad = sorted(k for k in set(want) | set(got) if want.get(k, [None])[0] != got.get(k, [None])[0])
+            raise ValueError(f"params do not fit this model: {bad[:5]}")
+        params = checkpoint.from_nested(self.state.params, checkpoint.to_nested(params))
+        params = jax.tree.map(lambda p, like: jnp.asarray(p, like.dtype), params, self.state.params)
+        self.state = self.state._replace(params=jax.device_put(params, self.state_shardings.params))
+
     def model(self) -> nnx.Module:
         """The module with the current params (for inspection; arrays stay sharded)."""
         return nnx.merge(self.graphdef, self.state.params, self.state.model_state)
