@@ -32,7 +32,11 @@ memory high-water mark during the operation minus its RSS just before it (after
 `gc.collect()` and `malloc_trim`), the largest over the repeats; it is the larger of a
 sampling thread (psutil, every 2 ms) and, where Linux allows resetting it, the kernel's
 exact VmHWM. The simulated devices are host memory, so a restore's new state (the old one
-is freed only after it) and a save's device-to-host copy show up in RSS.
+is freed only after it is complete) shows up in RSS.
+
+On CPU devices orbax's device-to-host transfer is a zero-copy numpy view, so "async save:
+returns" is only bookkeeping here; on GPUs or TPUs it includes copying this process's
+shards to host memory.
 
 The files were just written, so restores and the export read from the page cache: this
 measures zerojax and orbax, not the disk. Orbax does not fsync the array files, so saves
@@ -206,7 +210,7 @@ def main() -> int:
     params_bytes = tree_bytes(engine.state.params)
     opt_bytes = tree_bytes(engine.state.opt_state)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(engine.state.params))
-    largest = max(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(engine.state.params))
+    largest = max(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(engine.state.params))
     setup_s = time.perf_counter() - t_setup
     has_export = importlib.util.find_spec("zerojax.safetensors_io") is not None
 

@@ -141,3 +141,13 @@ def test_truncated_and_partial_checkpoints(saved_run, tmp_path):
     os.remove(os.path.join(broken, "global_step3", "zerojax_meta.json"))
     with pytest.raises(CheckpointError, match="incomplete"):
         engine.load_checkpoint(broken)
+
+
+def test_fp32_checkpoint_resumes_in_bf16(saved_run):
+    """Another precision is just another engine: fp32 master params load as they are."""
+    root, _, batches, losses, params_at_save = saved_run
+    engine = zerojax.initialize(model_fn=tiny_llama, config=config(3, bf16={"enabled": True}))
+    engine.load_checkpoint(root)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, engine.state.params), params_at_save)
+    resumed = [float(engine.train_step(b)["loss"]) for b in batches[3:]]
+    np.testing.assert_allclose(resumed, losses, atol=2e-2, rtol=0)   # bf16 compute vs fp32

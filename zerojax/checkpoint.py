@@ -326,7 +326,8 @@ def export_safetensors(root: str, out_path: str, *, tag: str | None = None, dtyp
 
     def fetch(name):
         saved_dtype = meta["params"][name][1]
-        return read_param(root, tag, name, shapes[name], saved_dtype).astype(kinds[name])
+        # copy=False: an fp32 export of fp32 params holds one copy of the tensor, not two.
+        return read_param(root, tag, name, shapes[name], saved_dtype).astype(kinds[name], copy=False)
 
     write_safetensors(out_path, entries, fetch, metadata={"format": "pt", "zerojax_tag": tag})
     return out_path

@@ -274,7 +274,8 @@ class Engine:
         """Restore onto this engine's layout (any device count, mesh or ZeRO stage).
 
         Returns `(path, client_state)`. With `load_module_only` (or without optimizer
-        states) only the params are read and the optimizer starts fresh.
+        states) only the params are read; optimizer state and step counters stay as the
+        engine has them (fresh, for an engine just built), as in DeepSpeed.
         """
         self.wait_for_checkpoint()
         tag = checkpoint.resolve_tag(load_dir, tag)
