@@ -17,30 +17,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 
 import numpy as np
-import sysconfig
-from flax import nnx
 
 import zerojax
+from zerojax.data import TokenBatches, load_corpus
 from zerojax.models import Llama, LlamaConfig
 
 SEQ_LEN = 128
-
-
-def stdlib_bytes(limit: int = 4_000_000) -> np.ndarray:
-    """The bytes of the stdlib's .py files, in a fixed order."""
-    root = sysconfig.get_paths()["stdlib"]
-    chunks, total = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests"))
-        for name in sorted(filenames):
-            if name.endswith(".py"):
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    data = f.read()
-                chunks.append(data)
-                total += len(data)
-                if total >= limit:
-                    return np.frombuffer(b"".join(chunks), np.uint8)
-    return np.frombuffer(b"".join(chunks), np.uint8)
 
 
 def main() -> None:
@@ -48,9 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     args = parser.parse_args()
 
-    tokens = stdlib_bytes()
-    split = int(len(tokens) * 0.99)
-    train, val = tokens[:split], tokens[split:]
+    train, val = load_corpus({"corpus": "stdlib", "seq_len": SEQ_LEN, "val_fraction": 0.01}, vocab_size=256)
     config = {
         "train_batch_size": 16,
         "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 0.01}},
@@ -66,21 +46,18 @@ def main() -> None:
     print(f"devices: {len(engine.mesh.devices.flat)}  mesh: {dict(engine.mesh.shape)}  "
           f"ZeRO stage 3  batch {rows}×{SEQ_LEN}", flush=True)
 
-    rng = np.random.default_rng(0)
-
-    def batch_from(source):
-        starts = rng.integers(0, len(source) - SEQ_LEN - 1, size=rows)
-        return {"input_ids": np.stack([source[s:s + SEQ_LEN] for s in starts]).astype(np.int32)}
+    train_batches = TokenBatches(train, SEQ_LEN, rows, seed=0)
+    val_batch = TokenBatches(val, SEQ_LEN, rows, seed=1).next()
 
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
-        metrics = engine.train_step(batch_from(train))
+        metrics = engine.train_step(train_batches.next())
         if step % 20 == 0 or step == 1:
             elapsed = time.perf_counter() - t0
             print(f"step {step:4d}  loss {float(metrics['loss']):.4f}  lr {float(metrics['lr']):.2e}  "
                   f"grad_norm {float(metrics['grad_norm']):.3f}  {step * rows * SEQ_LEN / elapsed:,.0f} tokens/s",
                   flush=True)
-    val_loss = float(engine.eval_step(batch_from(val)))
+    val_loss = float(engine.eval_step(val_batch))
     print(f"validation loss {val_loss:.4f} (a uniform guess over bytes is {np.log(256):.4f})")
     sys.exit(0 if val_loss < np.log(256) else 1)
 
