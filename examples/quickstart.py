@@ -1,9 +1,9 @@
 """Train a small byte-level Llama on Python's own standard-library sources with ZeRO-3.
 
-    python examples/quickstart.py [--steps 200]
+    python examples/quickstart.py [--steps 400]
 
 Needs no download: the corpus is the .py files of the running interpreter's stdlib.
-The model is sharded over every local device (8 simulated CPU devices here by default).
+The model is sharded over every local device (2 simulated CPU devices on a CPU-only host: one per core).
 """
 from __future__ import annotations
 
