@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from zerojax.config import BatchSizes, Config, ConfigError, UnsupportedKeyWarning
+from zerojax.config import BatchSizes, Config, ConfigError, MonitorConfig, UnsupportedKeyWarning
 
 SEED = {"train_batch_size": 16, "gradient_accumulation_steps": 1,
         "optimizer": {"type": "Adam", "params": {"lr": 1e-5}},
@@ -58,7 +58,21 @@ def test_defaults_of_other_sections():
     assert (zj.mesh.data, zj.mesh.sequence, zj.mesh.tensor, zj.mesh.pipe, zj.mesh.replica) == (-1, 1, 1, 1, 1)
     assert (zj.kernels, zj.remat, zj.weight_decay_mask) == ("auto", "auto", "all")
     assert zj.sequence_parallel.strategy == "ulysses"
-    assert (zj.model, zj.data, zj.train, zj.compilation_cache, zj.seed) == ({}, {}, {}, None, 0)
+    assert (zj.model, zj.data, zj.compilation_cache, zj.seed) == ({}, {}, None, 0)
+    assert zj.train["checkpoint_every"] == 0 and zj.train["max_to_keep"] is None
+    assert config.tensorboard.enabled is False and config.csv_monitor.job_name == "DeepSpeedJobName"
+
+
+def test_monitor_and_train_sections():
+    config = load_quietly({"tensorboard": {"enabled": True, "output_path": "tb", "job_name": "run"},
+                           "csv_monitor": {"enabled": True},
+                           "zerojax": {"train": {"eval_every": 50, "checkpoint_every": 100}}})
+    assert config.tensorboard == MonitorConfig(True, "tb", "run") and config.csv_monitor.enabled
+    assert config.zerojax.train["eval_every"] == 50
+    with pytest.raises(ConfigError, match=r"zerojax\.train\.chekpoint_every'; did you mean 'zerojax\.train\.checkpoint_every'"):
+        Config.load({"zerojax": {"train": {"chekpoint_every": 100}}})
+    with pytest.raises(ConfigError, match=r"tensorboard\.enabled"):
+        Config.load({"tensorboard": {"enabled": "yes"}})
 
 
 def test_full_config_parses():
@@ -146,7 +160,7 @@ def test_unknown_key_without_close_match_lists_known_keys():
 @pytest.mark.parametrize("key, value", [
     ("wall_clock_breakdown", True),
     ("flops_profiler", {"enabled": True, "profile_step": 1}),
-    ("tensorboard", {"enabled": True, "output_path": "tb"}),          # close to tensor_parallel
+    ("wandb", {"enabled": True, "project": "p"}),
     ("gradient_accumulation_dtype", "fp32"),                          # close to gradient_accumulation_steps
     ("communication_data_type", "bf16"),
     ("zero_allow_untested_optimizer", True),

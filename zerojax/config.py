@@ -142,6 +142,14 @@ class ZeroJaxConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    """DeepSpeed's `tensorboard` / `csv_monitor` sections."""
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "DeepSpeedJobName"
+
+
+@dataclasses.dataclass(frozen=True)
 class BatchSizes:
     train_batch_size: int
     micro_batch_size: int
@@ -525,8 +533,19 @@ _ZEROJAX = {
     "compilation_cache": (_optional(_str), None), "seed": (_int(0), 0)}
 
 
+# The train loop's settings (`zerojax.train`); kept as a dict with every default filled in.
+_TRAIN = {
+    "steps": (_optional(_int(1)), None), "log_every": (_optional(_int(1)), None),
+    "eval_every": (_int(0), 0), "eval_batches": (_int(1), 4),
+    "checkpoint_every": (_int(0), 0), "max_to_keep": (_optional(_int(1)), None),
+    "keep_every": (_optional(_int(1)), None), "async_checkpointing": (_bool, False),
+    "out": (_optional(_str), None)}
+_MONITOR = {"enabled": (_bool, False), "output_path": (_str, ""), "job_name": (_str, "DeepSpeedJobName")}
+
+
 def _parse_zerojax(raw: Any) -> ZeroJaxConfig:
     sec = _section(raw, "zerojax", _ZEROJAX)
+    sec["train"] = _section(sec["train"], "zerojax.train", _TRAIN)
     mesh = _section(sec["mesh"], "zerojax.mesh", _MESH)
     if mesh["data"] == 0:
         raise _fail("zerojax.mesh.data", "-1 (all remaining devices) or an integer >= 1", 0)
@@ -539,7 +558,7 @@ def _parse_zerojax(raw: Any) -> ZeroJaxConfig:
 # Real DeepSpeed top-level keys zerojax accepts but does not implement.
 _TOP_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {k: _is_active for k in (
     "wall_clock_breakdown", "memory_breakdown", "flops_profiler", "comms_logger", "wandb",
-    "tensorboard", "csv_monitor", "comet", "monitor_config", "checkpoint", "data_efficiency",
+    "comet", "monitor_config", "checkpoint", "data_efficiency",
     "compression_training", "autotuning", "elasticity", "hybrid_engine", "dataloader_drop_last",
     "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
     "amp", "sparse_attention", "dump_state", "gradient_accumulation_dtype", "data_types",
@@ -561,6 +580,7 @@ _TOP = {
     "steps_per_print": (_optional(_int(1)), None),
     "tensor_parallel": (lambda v, p: v, None), "sequence_parallel_size": (_int(1), 1),
     "pipeline": (lambda v, p: v, None), "activation_checkpointing": (lambda v, p: v, None),
+    "tensorboard": (lambda v, p: v, None), "csv_monitor": (lambda v, p: v, None),
     "zerojax": (lambda v, p: v, None),
 }
 
@@ -586,6 +606,8 @@ class Config:
     sequence_parallel_size: int = 1
     pipeline: PipelineConfig = PipelineConfig()
     activation_checkpointing: ActivationCheckpointingConfig = ActivationCheckpointingConfig()
+    tensorboard: MonitorConfig = MonitorConfig()
+    csv_monitor: MonitorConfig = MonitorConfig()
     zerojax: ZeroJaxConfig = ZeroJaxConfig()
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -641,6 +663,8 @@ class Config:
             pipeline=PipelineConfig(**_section(top["pipeline"], "pipeline", _PIPELINE)),
             activation_checkpointing=ActivationCheckpointingConfig(**_section(
                 top["activation_checkpointing"], "activation_checkpointing", _ACTIVATION_CHECKPOINTING)),
+            tensorboard=MonitorConfig(**_section(top["tensorboard"], "tensorboard", _MONITOR)),
+            csv_monitor=MonitorConfig(**_section(top["csv_monitor"], "csv_monitor", _MONITOR)),
             zerojax=_parse_zerojax(top["zerojax"]),
             raw=raw,
         )
@@ -683,6 +707,8 @@ class Config:
             sequence_parallel_size=self.sequence_parallel_size,
             pipeline=dataclasses.asdict(self.pipeline),
             activation_checkpointing=dataclasses.asdict(self.activation_checkpointing),
+            tensorboard=dataclasses.asdict(self.tensorboard),
+            csv_monitor=dataclasses.asdict(self.csv_monitor),
             zerojax=dataclasses.asdict(self.zerojax),
         )
         if self.steps_per_print is not None:
