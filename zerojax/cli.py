@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from zerojax.config import ConfigError
@@ -21,6 +23,132 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from zerojax.launch import launch
+
+    def count(flag: str, raw: str | None) -> int:
+        if raw is None:
+            raise ValueError(f"{flag} N is required")
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{flag} must be an integer >= 1, got {raw!r}") from None
+
+    return launch(args.launch_command, nproc=count("--nproc", args.nproc),
+                  devices_per_process=count("--devices-per-process", args.devices_per_process))
+
+
+def _cpu_devices_default() -> None:
+    """On a CPU-only host, one device per core (up to 8) so ZeRO has something to shard over.
+
+    Skipped when the user (XLA_FLAGS) or `zerojax launch` already chose a device count.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
+            or "ZEROJAX_DEVICES_PER_PROCESS" in os.environ or "ZEROJAX_COORDINATOR" in os.environ:
+        return
+    import jax
+    jax.config.update("jax_num_cpu_devices", max(1, min(os.cpu_count() or 1, 8)))
+
+
+def _parse_set(pairs: list[str]) -> dict:
+    """--set a.b=VALUE: VALUE is JSON when it parses (3, true, [1,2], "x"), a string otherwise."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. zero_optimization.stage=2")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _load_config(path: str, overrides: list[str]):
+    from zerojax.config import Config
+    config = Config.load(path)
+    return config.with_overrides(_parse_set(overrides)) if overrides else config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from zerojax import distributed
+    _cpu_devices_default()
+    distributed.initialize()
+    from zerojax.train import train
+    config = _load_config(args.config, args.set)
+    summary = train(None, config, steps=args.steps, out=args.out)
+    return 0 if summary.get("steps") else 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from zerojax.data import ByteTokenizer
+    from zerojax.generate import load_model, sample
+    model = load_model(args.checkpoint, args.tag)
+    vocab = model.cfg.vocab_size
+    if vocab < 256:
+        raise ValueError(f"the model's vocab is {vocab}; --prompt is byte-level text and needs 256")
+    tokenizer = ByteTokenizer()
+    ids = sample(model, tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
+    print(args.prompt + tokenizer.decode(ids))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from zerojax import distributed
+    _cpu_devices_default()
+    distributed.initialize()
+    import jax
+    devices = jax.devices()
+    print(f"platform: {devices[0].platform}  devices: {len(devices)} ({devices[0].device_kind})  "
+          f"processes: {jax.process_count()} (this is {jax.process_index()})  local devices: {jax.local_device_count()}")
+    if not args.config:
+        return 0
+    import numpy as np
+    from zerojax.engine import initialize
+    from zerojax.train import model_fn_from_config
+    config = _load_config(args.config, args.set)
+    model_fn, _ = model_fn_from_config(config)
+    seq_len = int(config.zerojax.data.get("seq_len", 256))
+    example = {"input_ids": np.zeros((1, seq_len), np.int32)}
+    engine = initialize(model_fn=model_fn, config=config, abstract=True, example_batch=example)
+    sizes = engine.batch_sizes
+    print("mesh: " + "  ".join(f"{k} {v}" for k, v in engine.mesh.shape.items()))
+    print(f"batch: train_batch_size {sizes.train_batch_size} = micro {sizes.micro_batch_size} × "
+          f"gradient_accumulation_steps {sizes.gradient_accumulation_steps} × data-parallel "
+          f"{sizes.train_batch_size // (sizes.micro_batch_size * sizes.gradient_accumulation_steps)}; "
+          f"ZeRO stage {config.zero_optimization.stage}")
+    report = engine.memory_report()
+    print("per-device memory plan (MiB): " + "  ".join(
+        f"{k} {v / 2**20:,.1f}" for k, v in report.items()))
+    return 0
+
+
+def _add_train_commands(commands) -> None:
+    train = commands.add_parser("train", help="train the model a DeepSpeed JSON config names")
+    train.add_argument("config", help="DeepSpeed JSON config; model and data in its \"zerojax\" section")
+    train.add_argument("--steps", type=int, help="train to this many steps (default: zerojax.train.steps)")
+    train.add_argument("--out", help="output directory: checkpoints, metrics.jsonl, loss curve")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key by dotted path, e.g. zero_optimization.stage=2")
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser("generate", help="sample text from a trained checkpoint")
+    generate.add_argument("checkpoint", help="a run's output directory (the one holding 'latest')")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--tag")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=40)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="devices, processes, and the mesh and memory plan of a config")
+    info.add_argument("config", nargs="?")
+    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    info.set_defaults(run=_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zerojax", description="DeepSpeed-style training on JAX.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -35,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hf", action="store_true",
                         help="write a Hugging Face model directory (config.json + safetensors)")
     export.set_defaults(run=_export)
+    _add_train_commands(commands)
+
+    launch = commands.add_parser(
+        "launch", help="run COMMAND as N local processes of one jax.distributed job",
+        usage="zerojax launch --nproc N [--devices-per-process K] -- COMMAND...")
+    launch.add_argument("--nproc", metavar="N", help="number of processes")
+    launch.add_argument("--devices-per-process", metavar="K", default="1",
+                        help="CPU devices each process exposes (default 1)")
+    launch.add_argument("launch_command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="the program each process runs, after --")
+    launch.set_defaults(run=_launch)
     return parser
 
 
