@@ -111,3 +111,37 @@ def test_bad_input_exits_2_with_one_line(case, bad_inputs):
     message = err.getvalue()
     assert code == 2, message
     assert message.count("\n") == 1 and expected in message, message
+
+
+def test_two_processes_log_the_same_losses_as_one(tmp_path):
+    """`zerojax launch --nproc 2` (2 processes × 1 device) vs one process with 2 devices."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = zerojax_cli("train", TINY, "--steps", 5, "--out", one,
+                         env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = zerojax_cli("launch", "--nproc", 2, "--", sys.executable, "-m", "zerojax.cli",
+                           "train", TINY, "--steps", 5, "--out", two)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    losses = lambda out: [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses(two)) == 5
+    np.testing.assert_allclose(losses(two), losses(one), atol=1e-4, rtol=0)
+    assert (two / "global_step5").is_dir()            # both processes wrote their shards
+
+
+def test_sigint_stops_gracefully_with_a_checkpoint(tmp_path):
+    import signal
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "zerojax.cli", "train", TINY, "--steps", "100000",
+                             "--out", str(tmp_path), "--set", "steps_per_print=1"],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, rest[-3000:]
+    assert "stop requested" in rest
+    with open(tmp_path / "latest") as f:
+        stopped_at = int(f.read().strip().removeprefix("global_step"))
+    assert 3 <= stopped_at < 100000
+    assert read_metrics(tmp_path)[-1].get("step", 0) <= stopped_at

@@ -87,6 +87,27 @@ class _StopRequest:
                 signal.signal(sig, old)
 
 
+# Dense bf16 peak FLOP/s per chip, for MFU (as MaxText and Levanter quote it).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def step_flops(engine: Engine, batch: Mapping[str, Any]) -> float | None:
+    """Model FLOPs of one train step from XLA's cost analysis of the lowered program."""
+    try:
+        cost = engine.lower_train_step(batch).cost_analysis()
+    except Exception:       # some backends cannot analyse; MFU is then not reported
+        return None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def peak_flops(devices) -> float | None:
+    kind = devices[0].device_kind
+    peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+    return peak * len(devices) if peak else None
+
+
 def _evaluate(engine: Engine, batches: list[dict]) -> float:
     return float(np.mean([float(engine.eval_step(b)) for b in batches]))
 
@@ -153,6 +174,7 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
         engine.save_checkpoint(out, client_state=state, async_save=train_cfg["async_checkpointing"])
 
     tokens_per_step = rows * seq_len
+    flops, peak = None, peak_flops(engine.mesh.devices.flat)
     step, last_saved, last_loss, best_eval, t_run = start, None, math.nan, math.inf, time.perf_counter()
     measured = []
     stop = _StopRequest()
@@ -169,6 +191,12 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
             record = {k: (bool(v) if k == "skipped" else int(v) if k == "step" else float(v))
                       for k, v in metrics.items()}
             record.update(step=step, tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed)
+            if flops is None and step == start + 1:
+                flops = step_flops(engine, batch) or 0.0
+            if flops:
+                record["tflops"] = flops / elapsed / 1e12
+                if peak:
+                    record["mfu"] = flops / elapsed / peak
             monitor.log(step, record)
             if eval_batches and train_cfg["eval_every"] and step % train_cfg["eval_every"] == 0:
                 eval_loss = _evaluate(engine, eval_batches)
