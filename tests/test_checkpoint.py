@@ -151,3 +151,13 @@ def test_fp32_checkpoint_resumes_in_bf16(saved_run):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, engine.state.params), params_at_save)
     resumed = [float(engine.train_step(b)["loss"]) for b in batches[3:]]
     np.testing.assert_allclose(resumed, losses, atol=2e-2, rtol=0)   # bf16 compute vs fp32
+
+
+def test_relative_directories_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    engine = zerojax.initialize(model_fn=PlainMLP, config=config(0))
+    engine.train_step(mlp_batches(1, 16)[0])
+    engine.save_checkpoint("runs/rel")
+    assert latest_tag("runs/rel") == "global_step1"
+    engine.load_checkpoint("runs/rel")
+    export_safetensors("runs/rel", "weights.safetensors")

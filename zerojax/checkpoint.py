@@ -193,6 +193,7 @@ class Saver:
              max_to_keep: int | None = None, keep_every: int | None = None) -> str:
         check_tag(tag)
         self.wait()
+        root = os.path.abspath(root)          # orbax (tensorstore) wants absolute paths
         primary = jax.process_index() == 0
         final, tmp = os.path.join(root, tag), os.path.join(root, f".tmp-{tag}")
         if primary:
@@ -267,7 +268,7 @@ def check_params_match(meta: dict, abstract_params: Any, where: str) -> None:
 
 def restore(root: str, tag: str, target: dict) -> dict:
     """Restore the subtree `target` (abstract arrays with the wanted shardings) from a tag."""
-    path = os.path.join(root, tag, STATE)
+    path = os.path.join(os.path.abspath(root), tag, STATE)
     abstract = _abstract_keys_to_data(target)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     try:
@@ -292,7 +293,7 @@ def read_param(root: str, tag: str, name: str, shape, dtype) -> np.ndarray:
     for key in keys[:-1]:
         anode = anode.setdefault(key, {})
     anode[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-    path = os.path.join(root, tag, STATE)
+    path = os.path.join(os.path.abspath(root), tag, STATE)
     try:
         out = ocp.PyTreeCheckpointer().restore(
             path, args=ocp.args.PyTreeRestore(item=nested, restore_args=args, partial_restore=True))

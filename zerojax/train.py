@@ -191,6 +191,8 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
             record = {k: (bool(v) if k == "skipped" else int(v) if k == "step" else float(v))
                       for k, v in metrics.items()}
             record.update(step=step, tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed)
+            if not config.fp16.enabled:
+                record.pop("loss_scale", None)          # always 1 without fp16: noise in the log
             if flops is None and step == start + 1:
                 flops = step_flops(engine, batch) or 0.0
             if flops:
