@@ -30,6 +30,7 @@ class ComputePolicy:
     gather_params: bool = False                    # ZeRO-3: gather a layer's params at use
     remat: str = "none"                            # "full" | "minimal" | "none"
     kernels: str = "xla"                           # "xla" | "pallas"
+    sequence_parallel: str = "ulysses"             # attention over a sharded length: "ulysses" | "ring"
 
     def spec(self, logical_axes: LogicalAxes) -> PartitionSpec:
         """PartitionSpec for logical axis names through the rules table (unknown name: error)."""

@@ -77,9 +77,11 @@ class Engine:
         abstract_rest = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                                      nnx.to_pure_dict(abstract_rest))
         stage = config.zero_optimization.stage
+        self.rules = partition.fit_rules(abstract_params, logical, self.mesh)
         self.layout = partition.make_layout(
             abstract_params, logical, self.mesh, stage,
-            persistence_threshold=config.zero_optimization.stage3_param_persistence_threshold)
+            persistence_threshold=config.zero_optimization.stage3_param_persistence_threshold,
+            rules=self.rules)
 
         self.tx = optim.build_optimizer(
             config, optimizer=optimizer,
@@ -114,7 +116,8 @@ class Engine:
             wants_checkpointing = "activation_checkpointing" in config.raw
             remat = "full" if stage >= 3 or wants_checkpointing else "none"
         self.policy = compute.ComputePolicy(
-            dtype=self.compute_dtype, mesh=self.mesh, rules=partition.RULES,
+            dtype=self.compute_dtype, mesh=self.mesh, rules=self.rules,
+            sequence_parallel=config.zerojax.sequence_parallel.strategy,
             gather_params=stage >= 3, remat=remat,
             kernels="xla" if config.zerojax.kernels == "auto" else config.zerojax.kernels)
         self.step_spec = StepSpec(
@@ -179,8 +182,13 @@ class Engine:
         if not isinstance(batch, Mapping):
             raise TypeError(f"a batch is a dict of arrays, got {type(batch).__name__}")
         out = {}
+        sequence = self.mesh.shape["sequence"]
         for key, value in batch.items():
             value = np.asarray(value) if not isinstance(value, jax.Array) else value
+            if sequence > 1 and value.ndim >= 2 and value.shape[1] % sequence:
+                raise ConfigError(
+                    f"batch[{key!r}] has length {value.shape[1]}, which the sequence-parallel size "
+                    f"{sequence} does not divide; use a sequence length that is a multiple of {sequence}")
             if rows is not None and value.shape[0] != rows // jax.process_count():
                 raise ValueError(
                     f"batch[{key!r}] has {value.shape[0]} rows; this step needs train_batch_size "

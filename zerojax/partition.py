@@ -23,7 +23,7 @@ from zerojax.mesh import ZERO_AXES
 # One table maps every logical name the reference models use to mesh axes.
 RULES: Mapping[str, Any] = {
     "batch": ("replica", "data"),
-    "length": None,
+    "length": "sequence",
     "embed": None,
     "vocab": "tensor",
     "mlp": "tensor",
@@ -51,6 +51,42 @@ def logical_axes(params_state: nnx.State) -> dict:
             node = node.setdefault(key, {})
         node[path[-1]] = axes
     return out
+
+
+# Megatron's rule: with more tensor ranks than K/V heads the K/V heads are replicated; a
+# vocabulary the tensor size does not divide (GPT-2's 50257) stays whole rather than padded.
+REPLICATE_IF_UNEVEN = ("kv_heads", "vocab")
+
+
+def fit_rules(abstract_params: Any, logical: Any, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> dict:
+    """The rules table adapted to this model and mesh; impossible splits are ConfigErrors.
+
+    Every param dimension a rule maps onto mesh axes must divide evenly: K/V heads and
+    the vocabulary fall back to replication, anything else (attention heads, the MLP
+    width) names the param, the numbers, and the sizes that would work.
+    """
+    from zerojax.config import ConfigError
+
+    fitted = dict(rules)
+    flat_axes = jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]
+    flat_params = jax.tree.leaves(abstract_params)
+    for (path, axes), param in zip(flat_axes, flat_params):
+        for name, size in zip(axes or (), param.shape):
+            if name is None or fitted.get(name) is None:
+                continue
+            mesh_axes = _axes_of(fitted[name])
+            ways = math.prod(mesh.shape[a] for a in mesh_axes)
+            if size % ways == 0:
+                continue
+            if name in REPLICATE_IF_UNEVEN:
+                fitted[name] = None
+                continue
+            where = jax.tree_util.keystr(path, simple=True, separator=".")
+            fits = [d for d in range(1, size + 1) if size % d == 0]
+            raise ConfigError(
+                f"{where}: its {name!r} dimension is {size}, which {' × '.join(mesh_axes)} size {ways} "
+                f"does not divide; use a {'/'.join(mesh_axes)} size that divides {size} ({fits})")
+    return fitted
 
 
 def spec_for(axes: tuple | None, ndim: int, rules: Mapping[str, Any] = RULES) -> PartitionSpec:

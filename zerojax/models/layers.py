@@ -25,6 +25,9 @@ ACTIVATION_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", 
 
 BLD = ("batch", "length", "embed")      # residual stream
 BLV = ("batch", "length", "vocab")      # logits
+BLHK = ("batch", "length", "heads", "head_dim")      # queries (and K/V of multi-head attention)
+BLGK = ("batch", "length", "kv_heads", "head_dim")   # grouped K/V
+BLF = ("batch", "length", "mlp")        # MLP hidden
 
 IGNORE_INDEX = -100                     # Hugging Face's "no loss here" label
 
@@ -215,19 +218,25 @@ def next_token_loss(logits_BLV: jax.Array, batch: Mapping[str, Any]) -> jax.Arra
     Targets are `labels[:, 1:]` if given, else `input_ids[:, 1:]`; a target counts when it
     is not -100 and (if given) `loss_mask[:, 1:]` is nonzero. No counted target gives 0.
     """
-    source = batch["labels"] if "labels" in batch else batch["input_ids"]
-    targets_BT = jnp.asarray(source)[:, 1:].astype(jnp.int32)
-    mask_BT = targets_BT != IGNORE_INDEX
+    source = jnp.asarray(batch["labels"] if "labels" in batch else batch["input_ids"]).astype(jnp.int32)
+    # Shift the (small) targets left instead of slicing the (large) logits: the logits keep
+    # their full length, so a sequence-sharded length dimension is never re-laid out.
+    targets_BL = jnp.concatenate([source[:, 1:], jnp.full_like(source[:, :1], IGNORE_INDEX)], axis=1)
+    mask_BL = targets_BL != IGNORE_INDEX
     if "loss_mask" in batch:
-        mask_BT = mask_BT & (jnp.asarray(batch["loss_mask"])[:, 1:] != 0)
+        loss_mask = jnp.asarray(batch["loss_mask"])
+        mask_BL = mask_BL & jnp.concatenate([loss_mask[:, 1:] != 0, jnp.zeros_like(mask_BL[:, :1])], axis=1)
 
-    logits_BTV = logits_BLV[:, :-1].astype(jnp.float32)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    safe_targets_BT = jnp.where(mask_BT, targets_BT, 0)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, safe_targets_BT[..., None], axis=-1)[..., 0]
-    nll_BT = jnp.where(mask_BT, log_z_BT - target_logit_BT, 0.0)
-    count = jnp.sum(mask_BT.astype(jnp.float32))
-    return jnp.sum(nll_BT) / jnp.maximum(count, 1.0)
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    # The target's logit as a masked sum over the vocab (not a gather): with the vocab
+    # sharded over `tensor` this is a local reduction plus an all-reduce of [B, L] numbers,
+    # so the full [tokens, vocab] logits are never gathered on one device.
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits_BLV.shape, 2)
+    target_logit_BL = jnp.sum(jnp.where(vocab_ids == targets_BL[..., None], logits_BLV, 0.0), axis=-1)
+    nll_BL = jnp.where(mask_BL, log_z_BL - target_logit_BL, 0.0)
+    count = jnp.sum(mask_BL.astype(jnp.float32))
+    return jnp.sum(nll_BL) / jnp.maximum(count, 1.0)
 
 
 # ----------------------------------------------------------------------------- config checks
