@@ -1,4 +1,4 @@
-"""Your own module and data through `zerojax.train.train`: the loop, eval, checkpoints, resume.
+"""Your own module and data through `zerojax.train`: the loop, eval, checkpoints, resume.
 
 A tiny next-byte model (embedding -> MLP over the previous 4 bytes) on this file's own text.
 `python examples/train_loop.py [OUT_DIR]` writes OUT_DIR/metrics.jsonl and checkpoints; a
@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from zerojax.train import train
+import zerojax
 
 CONTEXT, ROWS, SEQ = 4, 32, 64
 TEXT = np.frombuffer(open(__file__, "rb").read(), np.uint8).astype(np.int32)
@@ -44,6 +44,6 @@ config = {"train_batch_size": ROWS, "zero_optimization": {"stage": 2}, "steps_pe
           "optimizer": {"type": "Adam", "params": {"lr": 3e-3}},
           "zerojax": {"data": {"seq_len": SEQ}, "train": {"eval_every": 100, "checkpoint_every": 100}}}
 out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="zerojax-train-loop-")
-summary = train(NextByte, config, data=batches(seed=0), steps=200, out=out, eval_data=[next(batches(99))])
+summary = zerojax.train(NextByte, config, data=batches(seed=0), steps=200, out=out, eval_data=[next(batches(99))])
 print({k: summary.get(k) for k in ("steps", "final_loss", "eval_loss", "out")})
 sys.exit(0 if summary.get("eval_loss", 0.0) < 0.8 * np.log(256) else 1)   # no eval_loss: already trained

@@ -3,6 +3,7 @@ from zerojax.config import Config, ConfigError
 from zerojax.engine import Engine, initialize
 from zerojax.errors import CheckpointError
 from zerojax.linen import from_linen
+from zerojax.trainer import train
 
-__all__ = ["CheckpointError", "Config", "ConfigError", "Engine", "initialize", "from_linen"]
+__all__ = ["CheckpointError", "Config", "ConfigError", "Engine", "initialize", "from_linen", "train"]
 __version__ = "0.1.0"

@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     from zerojax import distributed
     _cpu_devices_default()
     distributed.initialize()
-    from zerojax.train import train
+    from zerojax.trainer import train
     config = _load_config(args.config, args.set)
     summary = train(None, config, steps=args.steps, out=args.out)
     return 0 if summary.get("steps") else 1
@@ -106,7 +106,7 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     import numpy as np
     from zerojax.engine import initialize
-    from zerojax.train import model_fn_from_config
+    from zerojax.trainer import model_fn_from_config
     config = _load_config(args.config, args.set)
     model_fn, _ = model_fn_from_config(config)
     seq_len = int(config.zerojax.data.get("seq_len", 256))
