@@ -174,6 +174,7 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
         engine.save_checkpoint(out, client_state=state, async_save=train_cfg["async_checkpointing"])
 
     tokens_per_step = rows * seq_len
+    log_every = train_cfg["log_every"] or 1
     flops, peak = None, peak_flops(engine.mesh.devices.flat)
     step, last_saved, last_loss, best_eval, t_run = start, None, math.nan, math.inf, time.perf_counter()
     measured = []
@@ -199,7 +200,8 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
                 record["tflops"] = flops / elapsed / 1e12
                 if peak:
                     record["mfu"] = flops / elapsed / peak
-            monitor.log(step, record)
+            if step % log_every == 0 or step == start + 1 or step == steps or stop.requested:
+                monitor.log(step, record)
             if eval_batches and train_cfg["eval_every"] and step % train_cfg["eval_every"] == 0:
                 eval_loss = _evaluate(engine, eval_batches)
                 best_eval = min(best_eval, eval_loss)
