@@ -285,3 +285,20 @@ def test_cli_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["export", str(tmp_path / "none"), str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+
+
+def test_train_fine_tunes_from_an_hf_directory(llama, tmp_path):
+    """`"model": {"init_from": HF_DIR}`: the first step's loss is the HF model's own loss."""
+    import zerojax
+
+    hf_model, path, _ = llama
+    ids = np.tile(IDS, (4, 1))
+    with torch.no_grad():
+        hf_loss = float(hf_model(torch.tensor(ids, dtype=torch.long), labels=torch.tensor(ids, dtype=torch.long)).loss)
+    config = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zerojax": {"model": {"type": "llama", "init_from": path}, "data": {"seq_len": 16}}}
+    zerojax.train(None, config, data=[{"input_ids": ids}], steps=1, out=str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    assert abs(first["loss"] - hf_loss) <= 1e-4

@@ -145,3 +145,11 @@ def test_sigint_stops_gracefully_with_a_checkpoint(tmp_path):
         stopped_at = int(f.read().strip().removeprefix("global_step"))
     assert 3 <= stopped_at < 100000
     assert read_metrics(tmp_path)[-1].get("step", 0) <= stopped_at
+
+
+def test_persistent_compilation_cache(tmp_path):
+    cache = tmp_path / "xla_cache"
+    proc = zerojax_cli("train", TINY, "--steps", 1, "--out", tmp_path / "run",
+                       "--set", f"zerojax.compilation_cache={cache}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cache.is_dir() and any(cache.iterdir())

@@ -128,7 +128,9 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
         raise ConfigError('how many steps? pass steps= (--steps) or set "zerojax": {"train": {"steps": N}}')
     out = out or train_cfg["out"] or DEFAULT_OUT
     if config.zerojax.compilation_cache:
+        # Asked for a cache: keep every program, not only those over JAX's 1 s default.
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.zerojax.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     init_from, vocab = None, None
     if model_fn is None:
