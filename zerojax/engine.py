@@ -77,6 +77,7 @@ class Engine:
         abstract_rest = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                                      nnx.to_pure_dict(abstract_rest))
         stage = config.zero_optimization.stage
+        self._check_sequence_parallel(getattr(abstract_model, "cfg", None))
         self.rules = partition.fit_rules(abstract_params, logical, self.mesh)
         self.layout = partition.make_layout(
             abstract_params, logical, self.mesh, stage,
@@ -137,6 +138,17 @@ class Engine:
         cfg = getattr(abstract_model, "cfg", None)
         self.model_section = ({"type": type(abstract_model).__name__.lower(), **dataclasses.asdict(cfg)}
                               if dataclasses.is_dataclass(cfg) else None)
+
+    def _check_sequence_parallel(self, model_cfg) -> None:
+        """Ulysses splits attention heads over the sequence axis: they must divide."""
+        sequence = self.mesh.shape["sequence"]
+        strategy = self.config.zerojax.sequence_parallel.strategy
+        heads = getattr(model_cfg, "num_attention_heads", None) or getattr(model_cfg, "n_head", None)
+        if sequence > 1 and strategy == "ulysses" and heads and heads % sequence:
+            raise ConfigError(
+                f"Ulysses sequence parallelism splits the {heads} attention heads over sequence size "
+                f"{sequence}, which does not divide them; use a sequence_parallel_size that divides "
+                f"{heads}, or \"zerojax\": {{\"sequence_parallel\": {{\"strategy\": \"ring\"}}}}")
 
     # ---- state creation -------------------------------------------------------------
     def _create_state(self, model, model_fn, seed, loss_scale) -> TrainState:

@@ -13,9 +13,16 @@ function as `zerojax.models.layers.causal_attention` on the unsharded arrays:
            accumulator) merges the s blocks. Scores per device are [L/s, L/s] per step.
 
 Both run in a `jax.shard_map` that is manual over the sequence axis only: `data`, `tensor`
-and the rest stay automatic, so batch rows sharded over `data` and heads sharded over
-`tensor` pass through untouched and the whole thing composes with ZeRO and tensor
+and the rest stay automatic (GSPMD), so batch rows sharded over `data` and heads sharded
+over `tensor` keep their layout and the whole thing composes with ZeRO and tensor
 parallelism inside one compiled step.
+
+Known cost (XLA in jax 0.10.2, CPU): the partitioner does not partition an all-to-all
+over the automatic axes of a partially manual region, so Ulysses would all-gather its
+operands over any automatic sharding before each all-to-all. The batch axes are therefore
+made manual too (`batch_axes`); heads sharded over `tensor` still pay that gather when
+tensor and sequence parallelism are combined (correct, more traffic). Ring attention's
+`ppermute`s need no such gathers.
 
 Q has H heads, K/V have G heads with G dividing H; query head h uses K/V head h // (H / G)
 (Hugging Face's `repeat_kv` order). Scale 1/sqrt(hd), softmax in fp32, output in the
@@ -54,8 +61,8 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh, axis: str) -> i
     return size
 
 
-def _spec(axis: str) -> P:
-    return P(None, axis, None, None)
+def _spec(axis: str, batch_axes: tuple[str, ...]) -> P:
+    return P(batch_axes or None, axis, None, None)
 
 
 def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -68,11 +75,16 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
-def _run(body, mesh: Mesh, axis: str, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """`body` in a shard_map manual over `axis` only; jitted so eager calls work too."""
-    spec = _spec(axis)
+def _run(body, mesh: Mesh, axis: str, q: jax.Array, k: jax.Array, v: jax.Array,
+         batch_axes: tuple[str, ...] = ()) -> jax.Array:
+    """`body` in a shard_map manual over `axis` (and the batch axes); jitted so eager calls work.
+
+    Rows are independent in attention, so making the batch axes manual too costs nothing
+    and keeps XLA from gathering rows over `data` around Ulysses' all-to-alls.
+    """
+    spec = _spec(axis, batch_axes)
     mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                           axis_names={axis}, check_vma=False)
+                           axis_names={axis, *batch_axes}, check_vma=False)
     return jax.jit(mapped)(q, k, v)
 
 
@@ -89,7 +101,7 @@ def _ulysses_kv_heads(heads: int, kv_heads: int, size: int) -> int:
 
 
 def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
-                      axis: str = "sequence") -> jax.Array:
+                      axis: str = "sequence", batch_axes: tuple[str, ...] = ()) -> jax.Array:
     """DeepSpeed-Ulysses causal attention; q [B, L, H, hd], k/v [B, L, G, hd], L sharded on `axis`.
 
     Each device takes H/s query heads: the query heads of K/V heads j, j + s, j + 2s, ...
@@ -132,13 +144,13 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
         out = jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=3, tiled=True)
         return out.reshape(b, chunk, heads, head_dim)
 
-    return _run(body, mesh, axis, q, k, v)
+    return _run(body, mesh, axis, q, k, v, batch_axes)
 
 
 # ----------------------------------------------------------------------------- ring
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
-                   axis: str = "sequence") -> jax.Array:
+                   axis: str = "sequence", batch_axes: tuple[str, ...] = ()) -> jax.Array:
     """Ring causal attention; q [B, L, H, hd], k/v [B, L, G, hd], L sharded on `axis`.
 
     Device j holds query block j; at step i it holds the K/V block of device (j - i) mod s
@@ -199,16 +211,21 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
         out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, chunk, heads, head_dim)
         return out.astype(q.dtype)
 
-    return _run(body, mesh, axis, q, k, v)
+    return _run(body, mesh, axis, q, k, v, batch_axes)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
-                       strategy: str, axis: str = "sequence") -> jax.Array:
-    """Causal attention with the length axis sharded over `axis`: "ulysses" or "ring"."""
+                       strategy: str, axis: str = "sequence",
+                       batch_axes: tuple[str, ...] = ()) -> jax.Array:
+    """Causal attention with the length axis sharded over `axis`: "ulysses" or "ring".
+
+    `batch_axes`: mesh axes the rows are sharded over (made manual as well; their sizes
+    must divide the batch).
+    """
     if strategy == "ulysses":
-        return ulysses_attention(q, k, v, mesh=mesh, axis=axis)
+        return ulysses_attention(q, k, v, mesh=mesh, axis=axis, batch_axes=batch_axes)
     if strategy == "ring":
-        return ring_attention(q, k, v, mesh=mesh, axis=axis)
+        return ring_attention(q, k, v, mesh=mesh, axis=axis, batch_axes=batch_axes)
     raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; choose one of {STRATEGIES}")

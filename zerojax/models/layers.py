@@ -150,8 +150,15 @@ def causal_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array) ->
     """Causal softmax attention scaled by 1/sqrt(head_dim); softmax in fp32.
 
     K/V may have fewer heads than Q (grouped-query attention): query head h uses K/V
-    head h // (H / G), as Hugging Face's `repeat_kv` does.
+    head h // (H / G), as Hugging Face's `repeat_kv` does. With the length sharded over the
+    `sequence` mesh axis the policy's strategy (Ulysses or ring) computes the same function.
     """
+    policy = compute.current()
+    if policy.mesh is not None and policy.mesh.shape.get("sequence", 1) > 1:
+        from zerojax.mesh import BATCH_AXES
+        from zerojax.sequence_parallel import sequence_attention
+        return sequence_attention(q_BLHK, k_BLGK, v_BLGK, mesh=policy.mesh,
+                                  strategy=policy.sequence_parallel, batch_axes=BATCH_AXES)
     if q_BLHK.dtype == jnp.float16:
         # XLA's attention asks for an fp16 x fp16 -> fp32 dot algorithm that XLA:CPU rejects
         # at compile time; run the fp16 case in fp32 and cast back (fused kernels replace this).

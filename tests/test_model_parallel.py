@@ -1,4 +1,4 @@
-"""Tensor parallelism (Megatron layout through the rules table) composed with ZeRO."""
+"""Tensor (Megatron layout via the rules table) and sequence (Ulysses, ring) parallelism, composed with ZeRO."""
 from __future__ import annotations
 
 import re
@@ -105,3 +105,60 @@ def test_checkpoint_saved_under_tensor_parallel_loads_plain_and_back(tmp_path, b
     back.load_checkpoint(str(tmp_path / "plain"))
     a, b = float(back.train_step(batches[1])["loss"]), float(tp.train_step(batches[1])["loss"])
     assert abs(a - b) <= 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.parametrize("sequence", [2, 4])
+def test_sequence_parallel_matches_data_parallel(sequence, strategy, batches, data_parallel):
+    engine = zerojax.initialize(model_fn=tp_llama, config=config(0, 1, sequence, strategy))
+    assert engine.mesh.shape["sequence"] == sequence and engine.mesh.shape["data"] == 8 // sequence
+    np.testing.assert_allclose(losses(engine, batches), data_parallel, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_tensor_2_sequence_2_zero3(strategy, batches, data_parallel):
+    engine = zerojax.initialize(model_fn=tp_llama, config=config(3, 2, 2, strategy))
+    assert (engine.mesh.shape["data"], engine.mesh.shape["sequence"], engine.mesh.shape["tensor"]) == (2, 2, 2)
+    np.testing.assert_allclose(losses(engine, batches), data_parallel, atol=1e-4, rtol=0)
+
+
+def test_sequence_parallel_shrinks_activation_memory():
+    """At a fixed number of rows per data rank: (data 2, sequence s) on 2s devices."""
+    long_llama = LlamaConfig(**{**TP_LLAMA.__dict__, "max_position_embeddings": 512})
+
+    def temp(strategy, **mesh):
+        engine = zerojax.initialize(
+            model_fn=lambda r: Llama(long_llama, rngs=r), abstract=True,
+            config={**config(), "train_batch_size": 4,
+                    "zerojax": {"mesh": mesh, "sequence_parallel": {"strategy": strategy}}},
+            example_batch={"input_ids": np.zeros((4, 512), np.int32)})
+        return engine.memory_report()["temp"]
+
+    plain = temp("ring", data=2)
+    ring2, ring4 = temp("ring", data=2, sequence=2), temp("ring", data=2, sequence=4)
+    assert ring4 < ring2 < plain and ring4 < plain / 4
+    assert temp("ulysses", data=2, sequence=4) < plain / 2
+
+
+def test_sequence_parallel_collectives_in_the_compiled_step():
+    def hlo(strategy):
+        engine = zerojax.initialize(model_fn=tp_llama, config=config(0, 1, 4, strategy), abstract=True,
+                                    example_batch={"input_ids": np.zeros((ROWS, 16), np.int32)})
+        return engine.lower_train_step().compile().as_text()
+
+    ulysses, ring = hlo("ulysses"), hlo("ring")
+    assert re.search(r"all-to-all(-start)?\(", ulysses)
+    assert re.search(r"collective-permute(-start)?\(", ring)
+    # Rows stay on their data ranks: no all-gather of activations around the attention.
+    assert not re.search(r"all-gather(-start)?\(", ulysses + ring)
+
+
+def test_impossible_sequence_layouts_are_config_errors(batches):
+    with pytest.raises(ConfigError, match=r"length 15.*sequence-parallel size 2"):
+        zerojax.initialize(model_fn=tp_llama, config=config(0, 1, 2)).train_step(
+            {"input_ids": np.zeros((ROWS, 15), np.int32)})
+    six_heads = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                            num_attention_heads=6, num_key_value_heads=6)
+    with pytest.raises(ConfigError, match=r"6 attention heads.*sequence size 4.*ring"):
+        zerojax.initialize(model_fn=lambda r: Llama(six_heads, rngs=r), config=config(0, 1, 4, "ulysses"))
+    zerojax.initialize(model_fn=lambda r: Llama(six_heads, rngs=r), config=config(0, 1, 4, "ring"))
