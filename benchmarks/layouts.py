@@ -1,15 +1,15 @@
 """Every valid (data, sequence, tensor, ZeRO) layout of one Llama on 8 simulated CPU devices.
 
-    python3 benchmarks/layouts.py              # all 64 layouts; step time for ZeRO 0 and 3
-    python3 benchmarks/layouts.py --quick      # ZeRO stages 0 and 3 only (32 layouts)
-    python3 benchmarks/layouts.py --time-all   # step time for every stage too
-    python3 benchmarks/layouts.py --steps 10   # timed steps per layout (default 5)
+    python3 benchmarks/layouts.py               # ZeRO 0 and 3: 32 layouts, ~2 minutes on 2 cores
+    python3 benchmarks/layouts.py --all-stages  # ZeRO 0-3: 64 layouts (1 and 2 untimed), ~4 minutes
+    python3 benchmarks/layouts.py --steps 10    # timed steps per layout (default 5)
 
 Model: the reference `Llama` (vocab 256, hidden 128, intermediate 384, 2 layers, 8 heads,
 4 K/V heads), fp32, AdamW, batch 16 x 128 tokens, `stage3_param_persistence_threshold: 0`.
 Layouts: tensor t and sequence s in {1, 2, 4, 8}, data = 8 / (t * s), keeping those where
 16 rows divide by data, 128 tokens by s and 8 heads by t; ZeRO stages 0-3; for s > 1 both
-sequence-parallel strategies (ulysses, ring). 16 meshes x 4 stages = 64 layouts.
+sequence-parallel strategies (ulysses, ring): 16 meshes x 2 stages = 32 layouts by default,
+x 4 stages = 64 with --all-stages (each layout costs one 2-4 s compilation).
 
 Each layout's train step is lowered and compiled once (`engine.lower_train_step(batch)`).
 That one executable gives:
@@ -21,7 +21,11 @@ That one executable gives:
     Per-kind columns count every op once, including ops inside while-loop bodies (the
     scanned layers, forward and backward); `total x trips` multiplies loop-body ops by the
     loop's `known_trip_count`, i.e. the bytes one step really moves;
-  - the first-step loss (the step is executed), compared with the data-parallel ZeRO-0 loss;
+  - the first-step loss, compared with the data-parallel ZeRO-0 loss of a normally built
+    engine (`engine.train_step`). The layout engines are built with `abstract=True` and start
+    from that engine's initial state, `jax.device_put` onto their own shardings, so the
+    comparison is of the step's math, not of the initialisation (and no layout pays for a
+    sharded init);
   - step time: the same executable called on the engine's state, median over N steps after
     one warm-up step, each timed to `block_until_ready` including the batch transfer.
 Step times are CPU-simulated: the 8 "devices" share the host's cores and collectives are
@@ -44,7 +48,6 @@ def _set_device_count(count: int) -> None:
 DEVICES = 8
 _set_device_count(DEVICES)
 
-import gc  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
@@ -59,9 +62,8 @@ ROWS, SEQ = 16, 128
 CFG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=SEQ)
 SIZES = (1, 2, 4, 8)
-QUICK = "--quick" in sys.argv
-STAGES = (0, 3) if QUICK else (0, 1, 2, 3)
-TIME_STAGES = STAGES if "--time-all" in sys.argv else (0, 3)
+STAGES = (0, 1, 2, 3) if "--all-stages" in sys.argv else (0, 3)
+TIME_STAGES = (0, 3)                   # stages 1 and 2 are compiled and run once, not timed
 STEPS = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 5
 LOSS_TOL = 1e-4
 
@@ -172,19 +174,24 @@ def collective_bytes(hlo: str) -> dict:
             "unknown_trips": unknown_trips}
 
 
-# ---- one layout -------------------------------------------------------------------------
-def run_layout(layout, batch, timed: bool) -> dict:
-    d, s, t, strategy, stage = layout
-    engine = zerojax.initialize(model_fn=lambda rngs: Llama(CFG, rngs=rngs),
-                                config=config(*layout), example_batch=batch)
-    shape = engine.mesh.shape
-    assert (shape["data"], shape["sequence"], shape["tensor"]) == (d, s, t), dict(shape)
-    compiled = engine.lower_train_step(batch).compile()
+# ---- layouts ----------------------------------------------------------------------------
+def build(layout, batch):
+    """An abstract engine (shapes and shardings only) and its train step, lowered."""
+    engine = zerojax.initialize(model_fn=lambda rngs: Llama(CFG, rngs=rngs), config=config(*layout),
+                                example_batch=batch, abstract=True)
+    d, s, t, _, _ = layout
+    assert (engine.mesh.shape["data"], engine.mesh.shape["sequence"], engine.mesh.shape["tensor"]) == (d, s, t)
+    return engine, engine.lower_train_step(batch)
+
+
+def measure(engine, compiled, host_state, batch, timed: bool) -> dict:
     analysis = compiled.memory_analysis()
     coll = collective_bytes(compiled.as_text())
+    state = jax.device_put(host_state, engine.state_shardings)
 
     def step():
-        engine.state, metrics = compiled(engine.state, engine.shard_batch(batch, rows=ROWS))
+        nonlocal state
+        state, metrics = compiled(state, engine.shard_batch(batch, rows=ROWS))
         return jax.block_until_ready(metrics)
 
     loss = float(step()["loss"])              # first step: also the warm-up
@@ -194,8 +201,7 @@ def run_layout(layout, batch, timed: bool) -> dict:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    del engine, compiled
-    gc.collect()
+    del state
     return {"loss": loss, "ms": 1e3 * float(np.median(times)) if times else None,
             "args": int(analysis.argument_size_in_bytes), "temp": int(analysis.temp_size_in_bytes),
             **coll}
@@ -214,20 +220,28 @@ def main() -> int:
             + f" {'total':>7} | {'x trips':>7} | {'loss Δ':>7}")
     print("collectives: KiB per device per step (result shapes); per-kind and `total` count each op once, "
           "`x trips` multiplies\nops in while-loop bodies (the scanned layers) by the loop's trip count")
+    t_start = time.perf_counter()
+    # The reference: data parallelism at ZeRO-0 through the public API. Every layout starts from
+    # its initial state (put onto the layout's shardings), so the losses compare the step's math.
+    reference = zerojax.initialize(model_fn=lambda rngs: Llama(CFG, rngs=rngs),
+                                   config=config(DEVICES, 1, 1, "-", 0), example_batch=batch)
+    host_state = jax.device_get(reference.state)
+    ref = float(reference.train_step(batch)["loss"])
+    del reference
+
     print(head)
     print("-" * len(head))
-    t_start = time.perf_counter()
-    ref, worst, failed = None, 0.0, 0
+    worst, failed = 0.0, 0
     for layout in todo:
         d, s, t, strategy, stage = layout
         prefix = f"{d:>2} {s:>2} {t:>2} {strategy:>7} {stage:>4} |"
         try:
-            r = run_layout(layout, batch, timed=stage in TIME_STAGES)
-        except Exception as e:  # noqa: BLE001 -- a broken layout is a row, not the end of the table
+            engine, lowered = build(layout, batch)
+            r = measure(engine, lowered.compile(), host_state, batch, timed=stage in TIME_STAGES)
+        except Exception as e:  # noqa: BLE001
             failed += 1
             print(f"{prefix} ERROR {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
             continue
-        ref = r["loss"] if ref is None else ref
         delta = abs(r["loss"] - ref)
         worst = max(worst, delta)
         ms = f"{r['ms']:>6.1f}" if r["ms"] is not None else f"{'-':>6}"
