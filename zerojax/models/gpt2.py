@@ -129,30 +129,37 @@ class GPT2(nnx.Module):
         self.ln_f_scale = L.make_param(L.ParamSpec((D,), NORM_AXES, L.ones), rngs)
         self.ln_f_bias = L.make_param(L.ParamSpec((D,), NORM_AXES, L.zeros), rngs)
 
-    def hidden_states(self, input_ids_BL: jax.Array) -> jax.Array:
-        """Hidden states after `ln_f` [B, L, D] in the compute dtype."""
-        cfg = self.cfg
+    # The model in three parts — embed, the layer stack, head — so a pipeline can give each
+    # stage its slice of `layers` and run the embedding and head on the first and last stage.
+    def embed(self, input_ids_BL: jax.Array) -> jax.Array:
         length = input_ids_BL.shape[1]
-        if length > cfg.n_positions:
-            raise ValueError(f"sequence length {length} exceeds n_positions ({cfg.n_positions})")
+        if length > self.cfg.n_positions:
+            raise ValueError(f"sequence length {length} exceeds n_positions ({self.cfg.n_positions})")
         wte_VD = compute.for_compute(self.wte[...], WTE_AXES)
         wpe_PD = compute.for_compute(self.wpe[...], WPE_AXES)
-        x_BLD = L.embed(wte_VD, input_ids_BL) + wpe_PD[None, :length]
-        x_BLD = compute.constrain(x_BLD, L.BLD)
+        return compute.constrain(L.embed(wte_VD, input_ids_BL) + wpe_PD[None, :length], L.BLD)
 
-        eps, act = cfg.layer_norm_epsilon, L.activation(cfg.activation_function)
-        x_BLD = L.scan_layers(lambda x, p: block(x, p, eps, act), x_BLD, self.layers.arrays(),
-                              L.layer_axes(layer_specs(cfg)))
+    def run_layers(self, x_BLD: jax.Array) -> jax.Array:
+        """Every layer this module holds (all of them, or one pipeline stage's slice)."""
+        eps, act = self.cfg.layer_norm_epsilon, L.activation(self.cfg.activation_function)
+        return L.scan_layers(lambda x, p: block(x, p, eps, act), x_BLD, self.layers.arrays(),
+                             L.layer_axes(layer_specs(self.cfg)))
+
+    def head_logits(self, x_BLD: jax.Array) -> jax.Array:
+        """fp32 logits [B, L, V] through `ln_f` and the tied head (`wte`)."""
         scale_D = compute.for_compute(self.ln_f_scale[...], NORM_AXES)
         bias_D = compute.for_compute(self.ln_f_bias[...], NORM_AXES)
-        return L.layer_norm(x_BLD, scale_D, bias_D, eps)
+        x_BLD = L.layer_norm(x_BLD, scale_D, bias_D, self.cfg.layer_norm_epsilon)
+        return L.lm_logits(x_BLD, compute.for_compute(self.wte[...], WTE_AXES))
+
+    def head_loss(self, x_BLD: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+        return L.next_token_loss(self.head_logits(x_BLD), batch)
 
     def logits(self, input_ids_BL: jax.Array) -> jax.Array:
         """fp32 logits [B, L, V] through the tied head (`wte`)."""
-        x_BLD = self.hidden_states(input_ids_BL)
-        return L.lm_logits(x_BLD, compute.for_compute(self.wte[...], WTE_AXES))
+        return self.head_logits(self.run_layers(self.embed(input_ids_BL)))
 
     def __call__(self, batch: Mapping[str, Any]) -> jax.Array:
         """Scalar fp32 mean cross-entropy of next-token prediction (Hugging Face shift)."""
         L.check_batch(batch)
-        return L.next_token_loss(self.logits(jnp.asarray(batch["input_ids"])), batch)
+        return self.head_loss(self.run_layers(self.embed(jnp.asarray(batch["input_ids"]))), batch)

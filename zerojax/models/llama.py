@@ -141,30 +141,40 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = L.make_param(L.ParamSpec((D, V), HEAD_AXES, w), rngs)
 
-    def hidden_states(self, input_ids_BL: jax.Array) -> jax.Array:
-        """Final-norm hidden states [B, L, D] in the compute dtype."""
-        cfg = self.cfg
+    # The model in three parts — embed, the layer stack, head — so a pipeline can give each
+    # stage its slice of `layers` and run the embedding and head on the first and last stage.
+    def embed(self, input_ids_BL: jax.Array) -> jax.Array:
         table_VD = compute.for_compute(self.embed_tokens[...], EMBED_AXES)
-        x_BLD = compute.constrain(L.embed(table_VD, input_ids_BL), L.BLD)
-        cos_LK, sin_LK = L.rope_cos_sin(input_ids_BL.shape[1], cfg.head_dim, cfg.rope_theta)
+        return compute.constrain(L.embed(table_VD, input_ids_BL), L.BLD)
+
+    def run_layers(self, x_BLD: jax.Array) -> jax.Array:
+        """Every layer this module holds (all of them, or one pipeline stage's slice)."""
+        cfg = self.cfg
+        cos_LK, sin_LK = L.rope_cos_sin(x_BLD.shape[1], cfg.head_dim, cfg.rope_theta)
 
         def block(x_BLD, p):
             return decoder_layer(x_BLD, p, cos_LK, sin_LK, cfg.rms_norm_eps)
 
-        x_BLD = L.scan_layers(block, x_BLD, self.layers.arrays(), L.layer_axes(layer_specs(cfg)))
-        norm_D = compute.for_compute(self.norm[...], NORM_AXES)
-        return L.rms_norm(x_BLD, norm_D, cfg.rms_norm_eps)
+        return L.scan_layers(block, x_BLD, self.layers.arrays(), L.layer_axes(layer_specs(cfg)))
 
-    def logits(self, input_ids_BL: jax.Array) -> jax.Array:
-        """fp32 logits [B, L, V]."""
-        x_BLD = self.hidden_states(input_ids_BL)
+    def head_logits(self, x_BLD: jax.Array) -> jax.Array:
+        """fp32 logits [B, L, V] from the last layer's output (final norm included)."""
+        norm_D = compute.for_compute(self.norm[...], NORM_AXES)
+        x_BLD = L.rms_norm(x_BLD, norm_D, self.cfg.rms_norm_eps)
         if self.cfg.tie_word_embeddings:
             head_VD = compute.for_compute(self.embed_tokens[...], EMBED_AXES)
         else:
             head_VD = compute.for_compute(self.lm_head[...], HEAD_AXES).T
         return L.lm_logits(x_BLD, head_VD)
 
+    def head_loss(self, x_BLD: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+        return L.next_token_loss(self.head_logits(x_BLD), batch)
+
+    def logits(self, input_ids_BL: jax.Array) -> jax.Array:
+        """fp32 logits [B, L, V]."""
+        return self.head_logits(self.run_layers(self.embed(input_ids_BL)))
+
     def __call__(self, batch: Mapping[str, Any]) -> jax.Array:
         """Scalar fp32 mean cross-entropy of next-token prediction (Hugging Face shift)."""
         L.check_batch(batch)
-        return L.next_token_loss(self.logits(jnp.asarray(batch["input_ids"])), batch)
+        return self.head_loss(self.run_layers(self.embed(jnp.asarray(batch["input_ids"]))), batch)
