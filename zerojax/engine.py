@@ -125,7 +125,8 @@ class Engine:
             graphdef=self.graphdef, tx=self.tx, lr_fn=self.lr_fn, policy=self.policy,
             grad_specs=self.layout.grads, micro_batches=self.batch_sizes.gradient_accumulation_steps,
             gradient_clipping=config.gradient_clipping, fp16=config.fp16.enabled, config=config,
-            cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32)
+            cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32,
+            logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model))
         metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),
@@ -138,6 +139,32 @@ class Engine:
         cfg = getattr(abstract_model, "cfg", None)
         self.model_section = ({"type": type(abstract_model).__name__.lower(), **dataclasses.asdict(cfg)}
                               if dataclasses.is_dataclass(cfg) else None)
+
+    def _pipeline_schedule(self, model) -> str | None:
+        """The pipeline schedule when the mesh has stages; impossible settings are ConfigErrors."""
+        from zerojax import pipeline
+        stages = self.mesh.shape["pipe"]
+        if stages == 1:
+            return None
+        cfg = self.config.pipeline
+        missing = [m for m in pipeline.REQUIRED if not callable(getattr(model, m, None))]
+        if missing:
+            raise ConfigError(
+                f"pipeline.stages {stages}: the model must split into stages, but {type(model).__name__} "
+                f"has no {', '.join(missing)} (implement embed(ids), run_layers(x) over stacked "
+                f"'layers' params, and head_loss(x, batch), as zerojax.models.Llama does)")
+        if cfg.schedule == "interleaved":
+            raise ConfigError('pipeline.schedule "interleaved" is not implemented yet; use "1f1b" or "gpipe"')
+        if cfg.partition not in ("best", "uniform", "parameters"):
+            raise ConfigError(f"pipeline.partition {cfg.partition!r} is not supported: stages get equal "
+                              f"slices of the stacked layers; use 'uniform', 'parameters' or 'best'")
+        micro = self.batch_sizes.gradient_accumulation_steps
+        if cfg.schedule == "1f1b" and micro < stages:
+            raise ConfigError(
+                f"1F1B with {stages} pipeline stages needs at least {stages} micro-batches "
+                f"(gradient_accumulation_steps), got {micro}; raise gradient_accumulation_steps "
+                f"to >= {stages} or use pipeline.schedule \"gpipe\"")
+        return cfg.schedule
 
     def _check_sequence_parallel(self, model_cfg) -> None:
         """Ulysses splits attention heads over the sequence axis: they must divide."""

@@ -30,7 +30,7 @@ RULES: Mapping[str, Any] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
-    "layers": None,
+    "layers": "pipe",
     "positions": None,
 }
 

@@ -43,6 +43,8 @@ class StepSpec:
     fp16: bool
     config: Any                          # zerojax.Config, for the loss-scaler rules
     cast_params_whole: bool              # the model does not cast per layer itself
+    logical: Any = None                  # logical axis names of the params (pipeline stage split)
+    pipeline_schedule: str | None = None  # "1f1b" | "gpipe" when the mesh has pipe > 1
 
 
 def _constrain(tree: Any, specs: Any, mesh) -> Any:
@@ -89,6 +91,16 @@ def accumulate_gradients(spec: StepSpec, state: TrainState, batch: Any):
     def one(model_state, micro_batch):
         (_, (loss, (metrics, model_state))), grads = grad_fn(state.params, model_state, micro_batch)
         return _constrain(grads, spec.grad_specs, mesh), loss, metrics, model_state
+
+    if spec.pipeline_schedule is not None:
+        from zerojax import pipeline
+        with compute.use(spec.policy):
+            loss, grads = pipeline.loss_and_grads(
+                graphdef=spec.graphdef, model_state=state.model_state, params=state.params,
+                micro=split_micro_batches(batch, spec.micro_batches), logical=spec.logical,
+                mesh=mesh, schedule=spec.pipeline_schedule, micro_batches=spec.micro_batches,
+                scale=scale, cast_whole=spec.cast_params_whole)
+        return _constrain(grads, spec.grad_specs, mesh), loss, {}, state.model_state
 
     if spec.micro_batches == 1:
         grads, loss, metrics, model_state = one(state.model_state, batch)
