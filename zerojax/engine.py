@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import checkpoint, compute, optim, partition, precision
+from zerojax import checkpoint, compute, kernels, optim, partition, precision
 from zerojax.config import BatchSizes, Config, ConfigError
 from zerojax.errors import CheckpointError
 from zerojax.mesh import BATCH_AXES, build_mesh, data_parallel_size
@@ -120,7 +120,7 @@ class Engine:
             dtype=self.compute_dtype, mesh=self.mesh, rules=self.rules,
             sequence_parallel=config.zerojax.sequence_parallel.strategy,
             gather_params=stage >= 3, remat=remat,
-            kernels="xla" if config.zerojax.kernels == "auto" else config.zerojax.kernels)
+            kernels=kernels.resolve(config.zerojax.kernels))
         self.step_spec = StepSpec(
             graphdef=self.graphdef, tx=self.tx, lr_fn=self.lr_fn, policy=self.policy,
             grad_specs=self.layout.grads, micro_batches=self.batch_sizes.gradient_accumulation_steps,

@@ -145,15 +145,18 @@ class GPT2(nnx.Module):
         return L.scan_layers(lambda x, p: block(x, p, eps, act), x_BLD, self.layers.arrays(),
                              L.layer_axes(layer_specs(self.cfg)))
 
-    def head_logits(self, x_BLD: jax.Array) -> jax.Array:
-        """fp32 logits [B, L, V] through `ln_f` and the tied head (`wte`)."""
+    def _final(self, x_BLD: jax.Array) -> jax.Array:
         scale_D = compute.for_compute(self.ln_f_scale[...], NORM_AXES)
         bias_D = compute.for_compute(self.ln_f_bias[...], NORM_AXES)
-        x_BLD = L.layer_norm(x_BLD, scale_D, bias_D, self.cfg.layer_norm_epsilon)
-        return L.lm_logits(x_BLD, compute.for_compute(self.wte[...], WTE_AXES))
+        return L.layer_norm(x_BLD, scale_D, bias_D, self.cfg.layer_norm_epsilon)
+
+    def head_logits(self, x_BLD: jax.Array) -> jax.Array:
+        """fp32 logits [B, L, V] through `ln_f` and the tied head (`wte`)."""
+        return L.lm_logits(self._final(x_BLD), compute.for_compute(self.wte[...], WTE_AXES))
 
     def head_loss(self, x_BLD: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
-        return L.next_token_loss(self.head_logits(x_BLD), batch)
+        wte_VD = compute.for_compute(self.wte[...], WTE_AXES)
+        return L.head_loss(self._final(x_BLD), wte_VD, batch, head_is_VD=True)
 
     def logits(self, input_ids_BL: jax.Array) -> jax.Array:
         """fp32 logits [B, L, V] through the tied head (`wte`)."""

@@ -106,8 +106,15 @@ def scan_layers(block: Callable, x_BLD: jax.Array, stacked: Mapping[str, jax.Arr
 
 # ----------------------------------------------------------------------------- math
 
+def _pallas() -> bool:
+    return compute.current().kernels == "pallas"
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """Llama RMSNorm as Hugging Face computes it: normalise in fp32, cast back, then scale."""
+    if _pallas():
+        from zerojax import fused
+        return fused.rms_norm(x, scale, eps)
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
@@ -116,6 +123,9 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     """LayerNorm computed in fp32 (scale and bias included), cast back to the input dtype."""
+    if _pallas():
+        from zerojax import fused
+        return fused.layer_norm(x, scale, bias, eps)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     centred = x32 - mean
@@ -159,6 +169,9 @@ def causal_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array) ->
         from zerojax.sequence_parallel import sequence_attention
         return sequence_attention(q_BLHK, k_BLGK, v_BLGK, mesh=policy.mesh,
                                   strategy=policy.sequence_parallel, batch_axes=BATCH_AXES)
+    if policy.kernels == "pallas":
+        from zerojax import fused
+        return fused.attention(q_BLHK, k_BLGK, v_BLGK)
     if q_BLHK.dtype == jnp.float16:
         # XLA's attention asks for an fp16 x fp16 -> fp32 dot algorithm that XLA:CPU rejects
         # at compile time; run the fp16 case in fp32 and cast back (fused kernels replace this).
@@ -219,21 +232,42 @@ def check_batch(batch: Mapping[str, Any]) -> None:
             raise ValueError(f"{key} has shape {jnp.shape(batch[key])}, input_ids {ids.shape}")
 
 
-def next_token_loss(logits_BLV: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
-    """Mean fp32 cross-entropy of position t predicting token t+1 over unmasked targets.
+def next_token_targets(batch: Mapping[str, Any]) -> jax.Array:
+    """[B, L] int32: the token position t predicts (t+1's), IGNORE_INDEX where nothing counts.
 
     Targets are `labels[:, 1:]` if given, else `input_ids[:, 1:]`; a target counts when it
-    is not -100 and (if given) `loss_mask[:, 1:]` is nonzero. No counted target gives 0.
+    is not -100 and (if given) `loss_mask[:, 1:]` is nonzero. The (small) targets are
+    shifted left rather than the (large) logits sliced: the logits keep their full length,
+    so a sequence-sharded length dimension is never re-laid out.
     """
     source = jnp.asarray(batch["labels"] if "labels" in batch else batch["input_ids"]).astype(jnp.int32)
-    # Shift the (small) targets left instead of slicing the (large) logits: the logits keep
-    # their full length, so a sequence-sharded length dimension is never re-laid out.
-    targets_BL = jnp.concatenate([source[:, 1:], jnp.full_like(source[:, :1], IGNORE_INDEX)], axis=1)
-    mask_BL = targets_BL != IGNORE_INDEX
+    ignore = jnp.full_like(source[:, :1], IGNORE_INDEX)
+    targets_BL = jnp.concatenate([source[:, 1:], ignore], axis=1)
     if "loss_mask" in batch:
-        loss_mask = jnp.asarray(batch["loss_mask"])
-        mask_BL = mask_BL & jnp.concatenate([loss_mask[:, 1:] != 0, jnp.zeros_like(mask_BL[:, :1])], axis=1)
+        counted = jnp.asarray(batch["loss_mask"])[:, 1:] != 0
+        targets_BL = jnp.where(jnp.concatenate([counted, ignore == 0], axis=1), targets_BL, IGNORE_INDEX)
+    return targets_BL
 
+
+def head_loss(x_BLD: jax.Array, head: jax.Array, batch: Mapping[str, Any], *, head_is_VD: bool) -> jax.Array:
+    """Next-token loss from final hidden states and the output table ([V, D] or [D, V]).
+
+    With the Pallas kernels selected and the vocabulary whole on each device, the fused
+    linear cross-entropy computes it without materialising the [tokens, vocab] logits.
+    """
+    policy = compute.current()
+    if _pallas() and (policy.mesh is None or policy.spec(("vocab",))[0] is None):
+        from zerojax import fused
+        return fused.next_token_loss(x_BLD, head, next_token_targets(batch), head_is_VD=head_is_VD)
+    return next_token_loss(lm_logits(x_BLD, head if head_is_VD else head.T), batch)
+
+
+def next_token_loss(logits_BLV: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+    """Mean fp32 cross-entropy of position t predicting token t+1 over counted targets
+    (see `next_token_targets`). No counted target gives 0.
+    """
+    targets_BL = next_token_targets(batch)
+    mask_BL = targets_BL != IGNORE_INDEX
     logits_BLV = logits_BLV.astype(jnp.float32)
     log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
     # The target's logit as a masked sum over the vocab (not a gather): with the vocab

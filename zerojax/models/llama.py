@@ -157,18 +157,22 @@ class Llama(nnx.Module):
 
         return L.scan_layers(block, x_BLD, self.layers.arrays(), L.layer_axes(layer_specs(cfg)))
 
-    def head_logits(self, x_BLD: jax.Array) -> jax.Array:
-        """fp32 logits [B, L, V] from the last layer's output (final norm included)."""
+    def _final(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, bool]:
+        """Final-norm hidden states, the output table, and whether it is laid out [V, D]."""
         norm_D = compute.for_compute(self.norm[...], NORM_AXES)
         x_BLD = L.rms_norm(x_BLD, norm_D, self.cfg.rms_norm_eps)
         if self.cfg.tie_word_embeddings:
-            head_VD = compute.for_compute(self.embed_tokens[...], EMBED_AXES)
-        else:
-            head_VD = compute.for_compute(self.lm_head[...], HEAD_AXES).T
-        return L.lm_logits(x_BLD, head_VD)
+            return x_BLD, compute.for_compute(self.embed_tokens[...], EMBED_AXES), True
+        return x_BLD, compute.for_compute(self.lm_head[...], HEAD_AXES), False
+
+    def head_logits(self, x_BLD: jax.Array) -> jax.Array:
+        """fp32 logits [B, L, V] from the last layer's output (final norm included)."""
+        x_BLD, head, is_VD = self._final(x_BLD)
+        return L.lm_logits(x_BLD, head if is_VD else head.T)
 
     def head_loss(self, x_BLD: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
-        return L.next_token_loss(self.head_logits(x_BLD), batch)
+        x_BLD, head, is_VD = self._final(x_BLD)
+        return L.head_loss(x_BLD, head, batch, head_is_VD=is_VD)
 
     def logits(self, input_ids_BL: jax.Array) -> jax.Array:
         """fp32 logits [B, L, V]."""
