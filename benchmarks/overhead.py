@@ -26,10 +26,9 @@ from __future__ import annotations
 import os
 import sys
 
-flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-         if not f.startswith("--xla_force_host_platform_device_count")]
-os.environ["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from _devices import set_device_count  # noqa: E402  (benchmarks/ is on sys.path)
+
+set_device_count(1)
 
 import argparse  # noqa: E402
 import collections  # noqa: E402

@@ -32,17 +32,12 @@ import os
 import sys
 
 
-def _set_device_count(count: int) -> None:
-    """Set the simulated CPU device count; must run before jax is imported."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
+from _devices import set_device_count  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 AOT = "--aot" in sys.argv
 SMALL_DEVICES, AOT_DEVICES = 8, 64
-_set_device_count(AOT_DEVICES if AOT else SMALL_DEVICES)
+set_device_count(AOT_DEVICES if AOT else SMALL_DEVICES)
 
 import subprocess  # noqa: E402
 import time  # noqa: E402
