@@ -342,7 +342,6 @@ def part2(iters: int):
     h = normal(next(keys), (T, D), dt)
     head = normal(next(keys), (D, V), dt, 3 / np.sqrt(D))
     labels = jax.random.randint(next(keys), (T,), 0, V).astype(jnp.int32)
-    one = jnp.asarray(1.0, jnp.float32)
     fused = lambda h, w, lab: fused_linear_cross_entropy(h, w, lab, interpret=False)[0]  # noqa: E731
     start = len(ROWS)
     for impl, f in (("pallas", fused), ("xla", ref_ce_sum)):

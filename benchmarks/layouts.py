@@ -33,7 +33,6 @@ memory copies, so they rank layouts only loosely and say nothing about GPU speed
 """
 from __future__ import annotations
 
-import os
 import sys
 
 

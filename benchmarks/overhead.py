@@ -23,7 +23,6 @@ loss difference from the hand-written run (same math, so ~1e-6).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from _devices import set_device_count  # noqa: E402  (benchmarks/ is on sys.path)

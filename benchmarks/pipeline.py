@@ -29,7 +29,6 @@ Per row:
 """
 from __future__ import annotations
 
-import os
 import sys
 
 

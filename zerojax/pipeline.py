@@ -24,7 +24,7 @@ move with `ppermute` on a `lax.scan` over ticks; the micro-batches are DeepSpeed
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
