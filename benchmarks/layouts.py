@@ -243,10 +243,10 @@ def main() -> int:
               + " ".join(f"{r[k] / KiB:>7.0f}" for k in KINDS)
               + f" {r['total'] / KiB:>7.0f} | {r['total_trips'] / KiB:>7.0f}"
               + ("?" if r["unknown_trips"] else "") + f" | {delta:>7.1e}", flush=True)
-    print(f"d/s/t = data/sequence/tensor mesh sizes; args, temp = compiler per-device bytes "
-          f"(engine.memory_report()'s arguments, temp);\nAR AG RS A2A CP = all-reduce, all-gather, "
-          f"reduce-scatter, all-to-all, collective-permute; ? = a loop without known_trip_count "
-          f"(counted once)")
+    print("d/s/t = data/sequence/tensor mesh sizes; args, temp = compiler per-device bytes "
+          "(engine.memory_report()'s arguments, temp);\nAR AG RS A2A CP = all-reduce, all-gather, "
+          "reduce-scatter, all-to-all, collective-permute; ? = a loop without known_trip_count "
+          "(counted once)")
     print(f"reference loss (d=8, ZeRO-0, first step) {ref:.6f}; max |Δ| over all layouts {worst:.2e} "
           f"(tolerance {LOSS_TOL:g}); {failed} layouts failed; {time.perf_counter() - t_start:.0f} s")
     return 1 if failed or worst > LOSS_TOL else 0
