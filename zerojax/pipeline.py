@@ -20,7 +20,8 @@ move with `ppermute` on a `lax.scan` over ticks; the micro-batches are DeepSpeed
          (micro-batch t - (2P - 2 - s)) with its own VJP, recomputing the stage from its
          saved input. Inputs live from their forward to their backward, at most 2P - 1
          per stage: memory grows with P, not M. The last stage turns a micro-batch around
-         in the tick it finishes its forward.
+         in the tick it finishes its forward. A stage with no micro-batch in a slot
+         (warm-up, cool-down) skips that slot's work under `lax.cond`.
 """
 from __future__ import annotations
 
@@ -125,7 +126,9 @@ def _one_f_one_b(parts: _Parts, params, micro, *, stages: int, micro_batches: in
         x = jnp.where(first, parts.embed(params, mb_f), fwd_in)
         saved = jax.lax.dynamic_update_index_in_dim(
             saved, jnp.where(valid_f, x, saved[m_f % slots]), m_f % slots, 0)
-        y = parts.layers(params, x)
+        # Warm-up and cool-down ticks have nothing to run on some stages: skip the work there
+        # (the predicate is the same on every device of a stage, so collectives inside match).
+        y = jax.lax.cond(valid_f, lambda: parts.layers(params, x), lambda: jnp.zeros(x.shape, x.dtype))
 
         def head():
             loss, pull = jax.vjp(lambda p, h: parts.loss(p, h, mb_f), params, y)
@@ -141,8 +144,12 @@ def _one_f_one_b(parts: _Parts, params, micro, *, stages: int, micro_batches: in
         m_b = t - (2 * stages - 2 - stage)
         valid_b = (m_b >= 0) & (m_b < micro_batches)
         g_y = jnp.where(last, g_y_last, bwd_in)
-        _, pull = jax.vjp(parts.layers, params, saved[m_b % slots])
-        g_stage, g_x = pull(g_y)
+        def stage_grads():
+            _, pull = jax.vjp(parts.layers, params, saved[m_b % slots])
+            return pull(g_y)
+
+        g_stage, g_x = jax.lax.cond(valid_b, stage_grads,
+                                    lambda: (_zeros_like(params), jnp.zeros(x.shape, x.dtype)))
 
         def embed_grads():
             _, pull_embed = jax.vjp(lambda p: parts.embed(p, pick(m_b)), params)
