@@ -128,22 +128,28 @@ def _rms_fwd(x, weight, cfg: _Cfg):
     return y, (x, weight, rstd)
 
 
-def _rms_bwd(cfg: _Cfg, res, dy):
-    x, weight, rstd = res
+def _norm_bwd(kernel, cfg: _Cfg, x, params: tuple, stats: tuple, dy):
+    """Both norms' backward: `kernel` on padded row blocks gives dx and per-block partial
+    gradients of `params` (weight, or weight and bias), summed and unpadded here.
+    `stats` are the per-row vectors the forward saved, in the kernel's argument order."""
     rows, d, rows_pad, d_pad, br = _layout(x, cfg.block_rows)
     x2 = _pad_to(x.reshape(rows, d), rows_pad, d_pad)
-    w2 = _pad_to(weight.reshape(1, d), 1, d_pad)
+    w2 = _pad_to(params[0].reshape(1, d), 1, d_pad)
     dy2 = _pad_to(dy.reshape(rows, d), rows_pad, d_pad)
     block, vector, wspec, partial = _row_specs(br, d_pad)
     nb = rows_pad // br
-    dx, dw = _call(
-        functools.partial(_rms_bwd_kernel, d=d), cfg, (nb,),
-        [block, wspec, vector, block], [block, partial],
+    dx, *partials = _call(
+        functools.partial(kernel, d=d), cfg, (nb,),
+        [block, wspec, *[vector] * len(stats), block], [block, *[partial] * len(params)],
         [jax.ShapeDtypeStruct((rows_pad, d_pad), x.dtype),
-         jax.ShapeDtypeStruct((nb, d_pad), F32)])(x2, w2, rstd, dy2)
-    dx = dx[:rows, :d].reshape(x.shape)
-    dw = jnp.sum(dw, axis=0)[:d].reshape(weight.shape).astype(weight.dtype)
-    return dx, dw
+         *[jax.ShapeDtypeStruct((nb, d_pad), F32)] * len(params)])(x2, w2, *stats, dy2)
+    grads = [jnp.sum(g, axis=0)[:d].reshape(p.shape).astype(p.dtype) for g, p in zip(partials, params)]
+    return (dx[:rows, :d].reshape(x.shape), *grads)
+
+
+def _rms_bwd(cfg: _Cfg, res, dy):
+    x, weight, rstd = res
+    return _norm_bwd(_rms_bwd_kernel, cfg, x, (weight,), (rstd,), dy)
 
 
 _rms_norm.defvjp(_rms_fwd, _rms_bwd)
@@ -207,22 +213,7 @@ def _ln_fwd(x, weight, bias, cfg: _Cfg):
 
 def _ln_bwd(cfg: _Cfg, res, dy):
     x, weight, bias, mean, rstd = res
-    rows, d, rows_pad, d_pad, br = _layout(x, cfg.block_rows)
-    x2 = _pad_to(x.reshape(rows, d), rows_pad, d_pad)
-    w2 = _pad_to(weight.reshape(1, d), 1, d_pad)
-    dy2 = _pad_to(dy.reshape(rows, d), rows_pad, d_pad)
-    block, vector, wspec, partial = _row_specs(br, d_pad)
-    nb = rows_pad // br
-    dx, dw, db = _call(
-        functools.partial(_ln_bwd_kernel, d=d), cfg, (nb,),
-        [block, wspec, vector, vector, block], [block, partial, partial],
-        [jax.ShapeDtypeStruct((rows_pad, d_pad), x.dtype),
-         jax.ShapeDtypeStruct((nb, d_pad), F32),
-         jax.ShapeDtypeStruct((nb, d_pad), F32)])(x2, w2, mean, rstd, dy2)
-    dx = dx[:rows, :d].reshape(x.shape)
-    dw = jnp.sum(dw, axis=0)[:d].reshape(weight.shape).astype(weight.dtype)
-    db = jnp.sum(db, axis=0)[:d].reshape(bias.shape).astype(bias.dtype)
-    return dx, dw, db
+    return _norm_bwd(_ln_bwd_kernel, cfg, x, (weight, bias), (mean, rstd), dy)
 
 
 _layer_norm.defvjp(_ln_fwd, _ln_bwd)
