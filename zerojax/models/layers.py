@@ -181,12 +181,22 @@ def causal_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array) ->
     return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, is_causal=True)
 
 
+def _recompute_in_backward(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """`fn` whose backward pass keeps only its input and recomputes the rest.
+
+    Autodiff of tanh-GELU would otherwise keep ~6 intermediates of the MLP's widest
+    activation per layer (x, x**2, x**3, tanh, ...); recomputing them is element-wise work
+    fused into the backward, cheaper than writing and re-reading them (measured in
+    benchmarks/NOTES.md)."""
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": _recompute_in_backward(lambda x: jax.nn.gelu(x, approximate=True)),
+    "gelu_pytorch_tanh": _recompute_in_backward(lambda x: jax.nn.gelu(x, approximate=True)),
+    "gelu": _recompute_in_backward(lambda x: jax.nn.gelu(x, approximate=False)),
     "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
+    "silu": _recompute_in_backward(jax.nn.silu),
 }
 
 
