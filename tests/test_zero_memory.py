@@ -59,3 +59,33 @@ def test_stage3_remat_does_not_keep_gathered_params():
         return engine.memory_report()["temp"]
 
     assert temp("full") < temp("none")
+
+
+def test_auto_remat_rule():
+    from zerojax.engine import resolve_remat
+    assert resolve_remat("auto", 3, False, "gpu") == "full"           # never keep gathered params
+    assert resolve_remat("auto", 1, True, "gpu") == "full"            # DeepSpeed's section asks for it
+    assert resolve_remat("auto", 1, False, "gpu") == "none"
+    assert resolve_remat("auto", 0, False, "cpu") == "minimal"        # recompute beats memory traffic
+    assert resolve_remat("none", 3, True, "cpu") == "none"            # an explicit choice wins
+
+
+def test_train_step_and_memory_report_share_one_compile():
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    engine = engine_for(1)
+    batch = token_batches(1, 16)[0]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        engine.train_step(batch)
+        first = len(compiles)
+        engine.memory_report()
+        engine.train_step(batch)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert first >= 1                      # the listener sees the step's compile
+    assert len(compiles) == first          # ... and nothing compiles again

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import checkpoint, compute, kernels, optim, partition, precision
+from zerojax import checkpoint, compute, host_memory, kernels, optim, partition, precision
 from zerojax.config import BatchSizes, Config, ConfigError
 from zerojax.errors import CheckpointError
 from zerojax.mesh import BATCH_AXES, build_mesh, data_parallel_size
@@ -49,6 +49,22 @@ def decay_mask(logical: Any, abstract_params: Any, mode: str) -> Any:
 
     return jax.tree.map(is_matrix, logical, abstract_params,
                         is_leaf=lambda x: x is None or isinstance(x, tuple))
+
+
+def resolve_remat(remat: str, stage: int, has_checkpointing_section: bool, platform: str) -> str:
+    """The remat mode "auto" stands for.
+
+    ZeRO-3 must not keep gathered params for the backward pass: "full". A DeepSpeed
+    `activation_checkpointing` section asks for it too. On CPU, saving every intermediate
+    costs more memory traffic than recomputing the element-wise work, so "minimal" (keep
+    only matmul outputs) is both faster and smaller there (benchmarks/NOTES.md); on
+    accelerators keep everything, as DeepSpeed does when nothing is asked.
+    """
+    if remat != "auto":
+        return remat
+    if stage >= 3 or has_checkpointing_section:
+        return "full"
+    return "minimal" if platform == "cpu" else "none"
 
 
 class Engine:
@@ -110,12 +126,8 @@ class Engine:
         else:
             self.state: TrainState = self._create_state(model, model_fn, seed, loss_scale)
 
-        remat = config.zerojax.remat
-        if remat == "auto":
-            # ZeRO-3 must not keep gathered params for the backward pass; otherwise follow
-            # DeepSpeed, where a user asks for activation checkpointing with its section.
-            wants_checkpointing = "activation_checkpointing" in config.raw
-            remat = "full" if stage >= 3 or wants_checkpointing else "none"
+        remat = resolve_remat(config.zerojax.remat, stage, "activation_checkpointing" in config.raw,
+                              self.mesh.devices.flat[0].platform)
         self.policy = compute.ComputePolicy(
             dtype=self.compute_dtype, mesh=self.mesh, rules=self.rules,
             sequence_parallel=config.zerojax.sequence_parallel.strategy,
@@ -134,6 +146,7 @@ class Engine:
         self._eval_step = jax.jit(functools.partial(eval_loss, self.step_spec),
                                   out_shardings=metrics_sharding)
         self._example_batch = example_batch
+        self._executables: dict[tuple, jax.stages.Compiled] = {}
         self.global_steps = 0          # train_step calls, skipped ones included (DeepSpeed's count)
         self._saver: checkpoint.Saver | None = None
         cfg = getattr(abstract_model, "cfg", None)
@@ -245,7 +258,9 @@ class Engine:
     def train_step(self, batch: Mapping[str, Any]) -> dict:
         """One optimizer step over `train_batch_size` rows; returns metrics (0-d jax arrays)."""
         batch = self.shard_batch(batch, rows=self.batch_sizes.train_batch_size)
-        self.state, metrics = self._train_step(self.state, batch)
+        if self._example_batch is None:
+            self._example_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+        self.state, metrics = self._compiled("train", batch)(self.state, batch)
         self.global_steps += 1
         return metrics
 
@@ -255,7 +270,22 @@ class Engine:
         dp = data_parallel_size(self.mesh)
         if rows % dp:
             raise ValueError(f"eval batch has {rows} rows, not divisible by the data-parallel size {dp}")
-        return self._eval_step(self.state, self.shard_batch(batch))
+        batch = self.shard_batch(batch)
+        return self._compiled("eval", batch)(self.state, batch)
+
+    def _compiled(self, kind: str, batch: Mapping[str, Any]) -> jax.stages.Compiled:
+        """The train or eval step compiled for this batch's global shapes, once per shape.
+
+        Compiling here rather than inside jit's first call lets the host give back what the
+        compiler freed before the step's buffers are allocated (peak RSS), and lets
+        `memory_report` read the same executable that trains.
+        """
+        key = (kind, *sorted((k, tuple(v.shape), np.dtype(v.dtype).name) for k, v in batch.items()))
+        if key not in self._executables:
+            step = self._train_step if kind == "train" else self._eval_step
+            self._executables[key] = step.lower(self.state, batch).compile()
+            host_memory.release_freed()
+        return self._executables[key]
 
     @property
     def params(self) -> Any:
@@ -361,16 +391,18 @@ class Engine:
 
     def lower_train_step(self, batch: Mapping[str, Any] | None = None):
         """The step lowered for a batch shape (the example batch by default); nothing runs."""
+        return self._train_step.lower(self.state, self._abstract_batch(batch))
+
+    def _abstract_batch(self, batch: Mapping[str, Any] | None) -> dict[str, jax.ShapeDtypeStruct]:
         batch = batch if batch is not None else self._example_batch
         if batch is None:
             raise ValueError("memory_report needs a batch shape: pass example_batch= to initialize, "
                              "run a train_step first, or pass batch=")
-        abstract_batch = {
+        return {
             k: jax.ShapeDtypeStruct((self.batch_sizes.train_batch_size, *np.shape(v)[1:]),
                                     getattr(v, "dtype", None) or np.asarray(v).dtype,
                                     sharding=self.batch_sharding(len(np.shape(v))))
             for k, v in batch.items()}
-        return self._train_step.lower(self.state, abstract_batch)
 
     def memory_report(self, batch: Mapping[str, Any] | None = None) -> dict[str, int]:
         """Per-device bytes: params, grads, optimizer, temp (compiler), arguments, total.
@@ -379,8 +411,7 @@ class Engine:
         compiler. Gradients live inside temp (made and consumed within the step), so
         total = params + optimizer + temp.
         """
-        compiled = self.lower_train_step(batch).compile()
-        analysis = compiled.memory_analysis()
+        analysis = self._compiled("train", self._abstract_batch(batch)).memory_analysis()
         params = _bytes_per_device(self.state.params, self.state_shardings.params)
         optimizer = _bytes_per_device(self.state.opt_state, self.state_shardings.opt_state)
         grads = _bytes_per_device(self._abstract_params, self.layout.shardings(self.layout.grads))
