@@ -8,7 +8,6 @@ loading is a copy with no reshaping.
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -21,7 +20,10 @@ CONFIG = GPT2Config(vocab_size=VOCAB, n_embd=D_MODEL, n_layer=LAYERS, n_head=HEA
 
 
 def make_model(weights_path: str) -> GPT2:
-    model = GPT2(CONFIG, rngs=nnx.Rngs(0))
+    """The model with the .npz weights. Built with `nnx.eval_shape` (shapes only) and
+    filled from host arrays, as one loads pretrained weights: a random init would compile
+    and run a dozen eager ops only to be overwritten."""
+    model = nnx.eval_shape(lambda: GPT2(CONFIG, rngs=nnx.Rngs(0)))
     w = np.load(weights_path)
     params = nnx.state(model, nnx.Param)
     seen = set()
@@ -29,7 +31,7 @@ def make_model(weights_path: str) -> GPT2:
         key = ".".join(str(p) for p in path)
         if w[key].shape != var.shape:
             raise ValueError(f"{key}: npz {w[key].shape} vs model {var.shape}")
-        var.value = jnp.asarray(w[key])
+        var.value = w[key]
         seen.add(key)
     if seen != set(w.files):
         raise ValueError(f"unmatched weights: {sorted(set(w.files) ^ seen)}")

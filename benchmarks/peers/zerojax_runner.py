@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--work", required=True)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--remat", default="none")
+    ap.add_argument("--remat", default="auto")
     args = ap.parse_args()
 
     distributed.initialize()                     # no-op outside `zerojax launch`
