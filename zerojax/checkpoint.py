@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from zerojax.errors import CheckpointError
 
@@ -28,6 +27,14 @@ META = "zerojax_meta.json"
 STATE = "state"
 FORMAT_VERSION = 1
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _orbax():
+    """orbax.checkpoint, imported on first use: with tensorstore it adds ~25 MB of RSS and
+    half a second to `import zerojax`, which runs that never save or load should not pay."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
 
 
 # ---- trees as nested dicts with string keys (what orbax and JSON both store) ----------------
@@ -176,7 +183,7 @@ class Saver:
     """Writes checkpoints; with async saves the finalize step runs in a background thread."""
 
     def __init__(self):
-        self._orbax = ocp.StandardCheckpointer()
+        self._orbax = _orbax().StandardCheckpointer()
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -270,10 +277,10 @@ def restore(root: str, tag: str, target: dict) -> dict:
     """Restore the subtree `target` (abstract arrays with the wanted shardings) from a tag."""
     path = os.path.join(os.path.abspath(root), tag, STATE)
     abstract = _abstract_keys_to_data(target)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    restore_args = _orbax().checkpoint_utils.construct_restore_args(abstract)
     try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True))
+        restored = _orbax().PyTreeCheckpointer().restore(
+            path, args=_orbax().args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # orbax/tensorstore raise many types for unreadable data
         raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {str(e)[:400]} "
                               f"(the files are truncated, corrupt or from another model)") from None
@@ -292,11 +299,11 @@ def read_param(root: str, tag: str, name: str, shape, dtype) -> np.ndarray:
     anode = args
     for key in keys[:-1]:
         anode = anode.setdefault(key, {})
-    anode[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    anode[keys[-1]] = _orbax().RestoreArgs(restore_type=np.ndarray)
     path = os.path.join(os.path.abspath(root), tag, STATE)
     try:
-        out = ocp.PyTreeCheckpointer().restore(
-            path, args=ocp.args.PyTreeRestore(item=nested, restore_args=args, partial_restore=True))
+        out = _orbax().PyTreeCheckpointer().restore(
+            path, args=_orbax().args.PyTreeRestore(item=nested, restore_args=args, partial_restore=True))
     except Exception as e:
         raise CheckpointError(f"could not read {name} from checkpoint {path}: {type(e).__name__}: "
                               f"{str(e)[:300]}") from None
