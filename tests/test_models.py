@@ -414,3 +414,31 @@ def test_config_validation():
         GPT2Config(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="activation"):
         GPT2Config(activation_function="swish_v9")
+
+
+def test_bf16_matmul_uses_native_dots_forward_and_backward():
+    """On CPU every bf16 projection dot, including the two of its backward pass, is
+    bf16 x bf16 -> fp32 (the form XLA:CPU runs natively); values match fp32 math."""
+    import re
+
+    from zerojax.models import layers as L
+
+    rng = np.random.default_rng(0)
+    x, w, b = (jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in ((2, 8, 16), (16, 4, 8), (4, 8)))
+    weight = jnp.asarray(rng.normal(size=(2, 8, 4, 8)), jnp.float32)
+    loss = lambda x, w, b: jnp.sum(L.matmul("bld,dhk->blhk", x, w, b).astype(jnp.float32) * weight)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    dots = re.findall(r"stablehlo\.dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)",
+                      value_and_grad.lower(x, w, b).as_text())
+    assert len(dots) == 3, dots
+    assert all(a.endswith("xbf16>") and c.endswith("xf32>") for a, _, c in dots), dots
+
+    as32 = lambda t: t.astype(jnp.float32)
+    ref_value, ref = jax.value_and_grad(
+        lambda x, w, b: jnp.sum((jnp.einsum("bld,dhk->blhk", x, w) + b) * weight),
+        argnums=(0, 1, 2))(as32(x), as32(w), as32(b))
+    value, grads = value_and_grad(x, w, b)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-2)
+    for got, want in zip(grads, ref):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(as32(got), want, rtol=2e-2, atol=2e-2 * float(jnp.abs(want).max()))

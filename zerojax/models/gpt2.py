@@ -96,16 +96,16 @@ NORM_AXES = ("embed",)
 
 def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
     # Pinned layouts: heads over `tensor` (Megatron's column-parallel QKV), length over `sequence`.
-    q_BLHK = compute.constrain(jnp.einsum("bld,dhk->blhk", x_BLD, p["q_proj"]) + p["q_bias"], L.BLHK)
-    k_BLHK = compute.constrain(jnp.einsum("bld,dhk->blhk", x_BLD, p["k_proj"]) + p["k_bias"], L.BLHK)
-    v_BLHK = compute.constrain(jnp.einsum("bld,dhk->blhk", x_BLD, p["v_proj"]) + p["v_bias"], L.BLHK)
+    q_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["q_proj"], p["q_bias"]), L.BLHK)
+    k_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["k_proj"], p["k_bias"]), L.BLHK)
+    v_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["v_proj"], p["v_bias"]), L.BLHK)
     out_BLHK = L.causal_attention(q_BLHK, k_BLHK, v_BLHK)
-    return jnp.einsum("blhk,hkd->bld", out_BLHK, p["attn_proj"]) + p["attn_proj_bias"]
+    return L.matmul("blhk,hkd->bld", out_BLHK, p["attn_proj"], p["attn_proj_bias"])
 
 
 def mlp_block(x_BLD: jax.Array, p: Mapping[str, jax.Array], act) -> jax.Array:
-    h_BLF = compute.constrain(act(jnp.einsum("bld,df->blf", x_BLD, p["c_fc"]) + p["c_fc_bias"]), L.BLF)
-    return jnp.einsum("blf,fd->bld", h_BLF, p["c_proj"]) + p["c_proj_bias"]
+    h_BLF = compute.constrain(act(L.matmul("bld,df->blf", x_BLD, p["c_fc"], p["c_fc_bias"])), L.BLF)
+    return L.matmul("blf,fd->bld", h_BLF, p["c_proj"], p["c_proj_bias"])
 
 
 def block(x_BLD: jax.Array, p: Mapping[str, jax.Array], eps: float, act) -> jax.Array:

@@ -104,19 +104,19 @@ HEAD_AXES = ("embed", "vocab")
 def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array],
                     cos_LK: jax.Array, sin_LK: jax.Array) -> jax.Array:
     # Pinned layouts: heads over `tensor` (Megatron's column-parallel QKV), length over `sequence`.
-    q_BLHK = compute.constrain(jnp.einsum("bld,dhk->blhk", x_BLD, p["q_proj"]), L.BLHK)
-    k_BLGK = compute.constrain(jnp.einsum("bld,dgk->blgk", x_BLD, p["k_proj"]), L.BLGK)
-    v_BLGK = compute.constrain(jnp.einsum("bld,dgk->blgk", x_BLD, p["v_proj"]), L.BLGK)
+    q_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["q_proj"]), L.BLHK)
+    k_BLGK = compute.constrain(L.matmul("bld,dgk->blgk", x_BLD, p["k_proj"]), L.BLGK)
+    v_BLGK = compute.constrain(L.matmul("bld,dgk->blgk", x_BLD, p["v_proj"]), L.BLGK)
     q_BLHK = L.apply_rope(q_BLHK, cos_LK, sin_LK)
     k_BLGK = L.apply_rope(k_BLGK, cos_LK, sin_LK)
     out_BLHK = L.causal_attention(q_BLHK, k_BLGK, v_BLGK)
-    return jnp.einsum("blhk,hkd->bld", out_BLHK, p["o_proj"])
+    return L.matmul("blhk,hkd->bld", out_BLHK, p["o_proj"])
 
 
 def mlp_block(x_BLD: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
-    gate_BLF = compute.constrain(jnp.einsum("bld,df->blf", x_BLD, p["gate_proj"]), L.BLF)
-    up_BLF = compute.constrain(jnp.einsum("bld,df->blf", x_BLD, p["up_proj"]), L.BLF)
-    return jnp.einsum("blf,fd->bld", jax.nn.silu(gate_BLF) * up_BLF, p["down_proj"])
+    gate_BLF = compute.constrain(L.matmul("bld,df->blf", x_BLD, p["gate_proj"]), L.BLF)
+    up_BLF = compute.constrain(L.matmul("bld,df->blf", x_BLD, p["up_proj"]), L.BLF)
+    return L.matmul("blf,fd->bld", L.activation("silu")(gate_BLF) * up_BLF, p["down_proj"])
 
 
 def decoder_layer(x_BLD: jax.Array, p: Mapping[str, jax.Array], cos_LK: jax.Array,
