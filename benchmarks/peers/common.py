@@ -14,7 +14,14 @@ import sys
 
 import numpy as np
 
-VOCAB, D_MODEL, LAYERS, HEADS, SEQ, ROWS = 256, 256, 4, 4, 128, 16
+# run.py passes the size and precision to every runner through the environment.
+SIZES = {"small": (256, 4, 4), "large": (512, 8, 8)}          # d_model, layers, heads
+SIZE = os.environ.get("PEERS_SIZE", "small")
+DTYPE = os.environ.get("PEERS_DTYPE", "fp32")                 # "fp32" or "bf16" (mixed precision)
+if SIZE not in SIZES or DTYPE not in ("fp32", "bf16"):
+    raise SystemExit(f"PEERS_SIZE must be one of {sorted(SIZES)} and PEERS_DTYPE fp32 or bf16")
+VOCAB, SEQ, ROWS = 256, 128, 16
+D_MODEL, LAYERS, HEADS = SIZES[SIZE]
 HEAD_DIM, D_FF = D_MODEL // HEADS, 4 * D_MODEL
 LN_EPS = 1e-5
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-3, (0.9, 0.999), 1e-8, 0.01, 1.0

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import BETAS, CLIP, EPS, LR, ROWS, WEIGHT_DECAY, report  # noqa: E402
+from common import BETAS, CLIP, DTYPE, EPS, LR, ROWS, WEIGHT_DECAY, report  # noqa: E402
 from torch_gpt import GPT, load_weights  # noqa: E402
 
 
@@ -53,6 +53,7 @@ def main() -> None:
             "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
             "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
+            "bf16": {"enabled": DTYPE == "bf16"},
         }
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt(model.parameters()), config=config)
 
@@ -75,7 +76,8 @@ def main() -> None:
 
         def step(ids):
             optimizer.zero_grad(set_to_none=True)
-            loss = model(ids)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=DTYPE == "bf16"):
+                loss = model(ids)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
             if hasattr(norm, "full_tensor"):

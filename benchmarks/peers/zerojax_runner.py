@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 import zerojax  # noqa: E402
 from zerojax import distributed  # noqa: E402
-from common import BETAS, CLIP, EPS, LR, ROWS, WEIGHT_DECAY, report  # noqa: E402
+from common import BETAS, CLIP, DTYPE, EPS, LR, ROWS, WEIGHT_DECAY, report  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         "train_batch_size": ROWS, "gradient_clipping": CLIP,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
                                                   "weight_decay": WEIGHT_DECAY}},
-        "zero_optimization": {"stage": args.stage},
+        "zero_optimization": {"stage": args.stage}, "bf16": {"enabled": DTYPE == "bf16"},
         "zerojax": {"remat": args.remat, "weight_decay_mask": "all"},
     }
     engine = zerojax.initialize(model=make_model(os.path.join(args.work, "weights.npz")), config=config)
