@@ -39,11 +39,15 @@ SYSTEMS = {
     **{f"ds{s}": (f"DeepSpeed ZeRO-{s}", 2,
                   (lambda s: lambda a: [*TORCHRUN, "torch_runner.py", "--mode", f"ds{s}", *a])(s),
                   {"DS_ACCELERATOR": "cpu"}) for s in range(4)},
+    "ds3-cpuadam": ("DeepSpeed ZeRO-3 + CPU Adam", 2,
+                    lambda a: [*TORCHRUN, "torch_runner.py", "--mode", "ds3", "--cpu-adam", *a],
+                    {"DS_ACCELERATOR": "cpu"}),
     **{f"zerojax{s}": (f"zerojax ZeRO-{s} (1 proc x 2 dev)", 1,
                        (lambda s: lambda a: [PY, "zerojax_runner.py", "--stage", str(s), *a])(s),
                        {"XLA_FLAGS": TWO_DEVICES}) for s in range(4)},
-    "zerojax3-mp": ("zerojax ZeRO-3 (2 procs)", 2,
-                    lambda a: [*ZJ_LAUNCH, PY, "zerojax_runner.py", "--stage", "3", *a], {}),
+    **{f"zerojax{s}-mp": (f"zerojax ZeRO-{s} (2 procs)", 2,
+                          (lambda s: lambda a: [*ZJ_LAUNCH, PY, "zerojax_runner.py", "--stage", str(s), *a])(s),
+                          {}) for s in range(4)},
 }
 RESULT = re.compile(r"RESULT (\{[^{}]*\})")
 

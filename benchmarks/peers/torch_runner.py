@@ -27,6 +27,8 @@ from torch_gpt import GPT, load_weights  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", required=True, choices=["plain", "ddp", "fsdp2", "ds0", "ds1", "ds2", "ds3"])
+    ap.add_argument("--cpu-adam", action="store_true",
+                    help="DeepSpeed's fused C++ Adam (JIT-built into $TORCH_EXTENSIONS_DIR) instead of torch's")
     ap.add_argument("--work", required=True)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=3)
@@ -42,6 +44,10 @@ def main() -> None:
     load_weights(model, os.path.join(args.work, "weights.npz"))
 
     def opt(params):
+        if args.cpu_adam:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                                    adamw_mode=True)
         return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
 
     if args.mode.startswith("ds"):
