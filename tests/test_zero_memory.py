@@ -89,3 +89,35 @@ def test_train_step_and_memory_report_share_one_compile():
         jax.monitoring.unregister_event_duration_listener(listener)
     assert first >= 1                      # the listener sees the step's compile
     assert len(compiles) == first          # ... and nothing compiles again
+
+
+CACHED_STEP_PROGRAM = """
+import sys, jax, zerojax
+from tests.helpers import tiny_llama, token_batches
+events = []
+jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
+engine = zerojax.initialize(model_fn=tiny_llama, config={
+    "train_batch_size": 8, "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3},
+    "zerojax": {"compilation_cache": sys.argv[1]}})
+engine.train_step(token_batches(1, 8)[0])
+print("cache hits", events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_initialize_uses_the_persistent_compilation_cache(tmp_path):
+    """`compilation_cache` in an initialize() config: a second process loads the step's
+    executable instead of compiling it."""
+    import os
+    import subprocess
+    import sys
+
+    def hits():
+        proc = subprocess.run([sys.executable, "-c", CACHED_STEP_PROGRAM, str(tmp_path / "cache")],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return int(proc.stdout.split("cache hits")[-1])
+
+    assert hits() == 0
+    assert any((tmp_path / "cache").iterdir())
+    assert hits() >= 1

@@ -22,7 +22,7 @@ from flax import nnx
 from zerojax import checkpoint, models
 from zerojax.config import Config, ConfigError
 from zerojax.data import TokenBatches, load_corpus
-from zerojax.engine import Engine, initialize
+from zerojax.engine import Engine, initialize, use_compilation_cache
 from zerojax.monitor import Monitor
 
 DEFAULT_OUT = "runs/zerojax"
@@ -127,10 +127,8 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
     if not steps:
         raise ConfigError('how many steps? pass steps= (--steps) or set "zerojax": {"train": {"steps": N}}')
     out = out or train_cfg["out"] or DEFAULT_OUT
-    if config.zerojax.compilation_cache:
-        # Asked for a cache: keep every program, not only those over JAX's 1 s default.
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.zerojax.compilation_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if config.zerojax.compilation_cache:      # before anything compiles (the engine sets it too)
+        use_compilation_cache(config.zerojax.compilation_cache)
 
     init_from, vocab = None, None
     if model_fn is None:
