@@ -5,8 +5,9 @@
 
 One process with 2 simulated CPU devices passes all 16 rows; under `zerojax launch` each
 process (1 device) passes its own 8. Same optimizer and clipping as the PyTorch peers
-(DeepSpeed config keys), fp32, weight decay on every param, no scheduler (constant lr),
-`"remat": "none"`. Each step is timed to `block_until_ready` of its metrics.
+(DeepSpeed config keys), fp32 or bf16 (PEERS_DTYPE), weight decay on every param, no
+scheduler (constant lr), zerojax's defaults otherwise; `--cache DIR` uses a persistent
+compilation cache. Each step is timed to `block_until_ready` of its metrics.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--remat", default="auto")
+    ap.add_argument("--cache", help="persistent compilation cache directory (zerojax.compilation_cache)")
     args = ap.parse_args()
 
     distributed.initialize()                     # no-op outside `zerojax launch`
@@ -43,7 +45,7 @@ def main() -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
                                                   "weight_decay": WEIGHT_DECAY}},
         "zero_optimization": {"stage": args.stage}, "bf16": {"enabled": DTYPE == "bf16"},
-        "zerojax": {"remat": args.remat, "weight_decay_mask": "all"},
+        "zerojax": {"remat": args.remat, "weight_decay_mask": "all", "compilation_cache": args.cache},
     }
     engine = zerojax.initialize(model=make_model(os.path.join(args.work, "weights.npz")), config=config)
     data = np.load(os.path.join(args.work, "data.npy"))[: args.steps]
