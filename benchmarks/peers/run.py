@@ -134,7 +134,8 @@ def main() -> None:
           f"{common.ROWS} x {common.SEQ} tokens/step, {args.dtype}, AdamW, clip {common.CLIP}; "
           f"{args.rounds} rounds x {args.steps} steps ({args.steps - args.warmup} timed per run); "
           f"medians over all timed steps of all rounds\n")
-    head = (f"{'system':34s} {'procs':>5s} {'tokens/s':>9s} {'ms/step':>8s} {'first step s':>12s} "
+    width = max(len(SYSTEMS[n][0]) for n in names)
+    head = (f"{'system':{width}s} {'procs':>5s} {'tokens/s':>9s} {'ms/step':>8s} {'first step s':>12s} "
             f"{'peak RSS MiB/proc':>17s} {'loss@' + str(args.steps):>10s} {'max|Δloss|':>10s} {'vs DS ZeRO-3':>12s}")
     print(head)
     print("-" * len(head))
@@ -144,7 +145,7 @@ def main() -> None:
                  if ref else float("nan"))
         worst = max(worst, delta) if ref else worst
         ratio = f"{row['tok'] / ds3['tok']:.2f}x" if ds3 else "-"
-        print(f"{label:34s} {procs:5d} {row['tok']:9.0f} {row['ms']:8.1f} {row['first']:12.2f} "
+        print(f"{label:{width}s} {procs:5d} {row['tok']:9.0f} {row['ms']:8.1f} {row['first']:12.2f} "
               f"{row['rss']:17.0f} {row['loss']:10.6f} {delta:10.2e} {ratio:>12s}")
     if ref:
         print(f"\nmax |Δloss| vs PyTorch plain over all {args.steps} steps and all runs: {worst:.2e} "
