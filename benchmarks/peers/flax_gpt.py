@@ -31,7 +31,7 @@ def make_model(weights_path: str) -> GPT2:
         key = ".".join(str(p) for p in path)
         if w[key].shape != var.shape:
             raise ValueError(f"{key}: npz {w[key].shape} vs model {var.shape}")
-        var.value = w[key]
+        var.set_value(w[key])
         seen.add(key)
     if seen != set(w.files):
         raise ValueError(f"unmatched weights: {sorted(set(w.files) ^ seen)}")

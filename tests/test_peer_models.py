@@ -1,0 +1,41 @@
+"""The peer benchmark's GPT (benchmarks/peers) is one function in PyTorch and in zerojax:
+same loss and gradients from the same weights, so its table compares like with like."""
+import os
+import sys
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+
+PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "peers")
+sys.path.insert(0, PEERS)
+import common  # noqa: E402
+import flax_gpt  # noqa: E402
+import torch_gpt  # noqa: E402
+
+
+def test_torch_and_zerojax_gpt_agree(tmp_path):
+    common.make_weights(str(tmp_path / "weights.npz"))
+    common.make_data(str(tmp_path / "data.npy"), steps=1)
+    ids = np.load(tmp_path / "data.npy")[0, :2]
+
+    reference = torch_gpt.GPT()
+    torch_gpt.load_weights(reference, str(tmp_path / "weights.npz"))
+    torch_loss = reference(torch.from_numpy(ids.astype(np.int64)))
+    torch_loss.backward()
+
+    model = flax_gpt.make_model(str(tmp_path / "weights.npz"))
+    graphdef, params = nnx.split(jax.tree.map(np.asarray, model))
+    loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)({"input_ids": ids}))(params)
+    grads = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(grads)}
+
+    np.testing.assert_allclose(float(loss), torch_loss.item(), rtol=1e-5)
+    pairs = [  # (zerojax grad, torch grad): stacked layers [layer, ...]; nn.Linear is [out, in]
+        (grads["wte"], reference.wte.weight.grad),
+        (grads["layers.c_fc"][1], reference.blocks[1].c_fc.weight.grad.T),
+        (grads["layers.attn_proj"][0].reshape(-1, common.D_MODEL), reference.blocks[0].attn_proj.weight.grad.T),
+    ]
+    for got, want in pairs:
+        want = want.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
