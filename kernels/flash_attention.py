@@ -83,6 +83,18 @@ def _query_block_range(k_block_index, *, block_q, block_k, q_len, kv_len, causal
     return first, masked_end, last
 
 
+def _key_block_scores(q, k_ref, v_ref, j, *, block_k, scale, mask, q_start):
+    """K and V of key block j and the scaled scores q·kᵀ, masked when `mask` is given
+    (blocks that straddle the causal diagonal or the padded tail)."""
+    k_start = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(k_start, block_k), :]
+    v = v_ref[pl.ds(k_start, block_k), :]
+    s = _dot(q, k, 1, 1) * scale
+    if mask is not None:
+        s = mask(s, q_start, k_start)
+    return k, v, s
+
+
 # ----------------------------------------------------------------------------- forward
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, block_k,
@@ -94,12 +106,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, block
 
     def body(j, carry, masked):
         acc, m_prev, l_prev = carry
-        k_start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(k_start, block_k), :]
-        v = v_ref[pl.ds(k_start, block_k), :]
-        s = _dot(q, k, 1, 1) * scale
-        if masked:
-            s = mask(s, qi * block_q, k_start)
+        _, v, s = _key_block_scores(q, k_ref, v_ref, j, block_k=block_k, scale=scale,
+                                    mask=mask if masked else None, q_start=qi * block_q)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -195,12 +203,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale
     mask = functools.partial(_mask_scores, causal=causal, kv_len=kv_len, kv_padded=kv_padded)
 
     def body(j, dq, masked):
-        k_start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(k_start, block_k), :]
-        v = v_ref[pl.ds(k_start, block_k), :]
-        s = _dot(q, k, 1, 1) * scale
-        if masked:
-            s = mask(s, qi * block_q, k_start)
+        k, v, s = _key_block_scores(q, k_ref, v_ref, j, block_k=block_k, scale=scale,
+                                    mask=mask if masked else None, q_start=qi * block_q)
         p = jnp.exp(s - lse[:, None])
         dp = _dot(do, v, 1, 1)
         ds = p * (dp - delta[:, None])
