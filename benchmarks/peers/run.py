@@ -64,11 +64,13 @@ def run_one(name: str, work: str, steps: int, warmup: int) -> tuple[list[dict], 
     if "XLA_FLAGS" not in extra:
         env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                                   env.get("XLA_FLAGS", "")).strip()
-    command = [a.format(work=work) for a in argv(["--work", work, "--steps", str(steps), "--warmup", str(warmup)])]
+    def command(steps: int, warmup: int) -> list[str]:
+        return [a.format(work=work) for a in argv(["--work", work, "--steps", str(steps), "--warmup", str(warmup)])]
+
     if CACHE in argv([]) and not os.path.isdir(CACHE.format(work=work)):
-        subprocess.run(command[:-4] + ["--steps", "1", "--warmup", "0"], cwd=HERE, env=env, capture_output=True, timeout=900)
+        subprocess.run(command(1, 0), cwd=HERE, env=env, capture_output=True, timeout=900)
     t0 = time.perf_counter()
-    proc = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command(steps, warmup), cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t0
     results = [json.loads(m) for m in RESULT.findall(proc.stdout)]
     if proc.returncode != 0 or len(results) != procs:

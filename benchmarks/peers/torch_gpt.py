@@ -61,9 +61,9 @@ def load_weights(model: GPT, path: str) -> None:
         p = f"blocks.{i}."
         sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = t(g("ln_1_scale")), t(g("ln_1_bias"))
         sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = t(g("ln_2_scale")), t(g("ln_2_bias"))
-        for ours, theirs in (("q", "q"), ("k", "k"), ("v", "v")):
-            sd[p + f"{ours}.weight"] = t(g(f"{theirs}_proj").reshape(D_MODEL, D_MODEL).T)
-            sd[p + f"{ours}.bias"] = t(g(f"{theirs}_bias").reshape(D_MODEL))
+        for name in ("q", "k", "v"):
+            sd[p + f"{name}.weight"] = t(g(f"{name}_proj").reshape(D_MODEL, D_MODEL).T)
+            sd[p + f"{name}.bias"] = t(g(f"{name}_bias").reshape(D_MODEL))
         sd[p + "attn_proj.weight"] = t(g("attn_proj").reshape(D_MODEL, D_MODEL).T)
         sd[p + "attn_proj.bias"] = t(g("attn_proj_bias"))
         sd[p + "c_fc.weight"], sd[p + "c_fc.bias"] = t(g("c_fc").T), t(g("c_fc_bias"))
