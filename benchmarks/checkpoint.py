@@ -49,6 +49,7 @@ import sys
 
 
 from _devices import set_device_count  # noqa: E402  (benchmarks/ is on sys.path)
+import _machine  # noqa: E402
 
 
 DEVICES = 8
@@ -288,6 +289,7 @@ def main() -> int:
         engine.wait_for_checkpoint()
         shutil.rmtree(root, ignore_errors=True)
 
+    print(_machine.describe())
     print(f"Llama {n_params:,} params (vocab {CFG.vocab_size}, hidden {CFG.hidden_size}, intermediate "
           f"{CFG.intermediate_size}, {CFG.num_hidden_layers} layers), fp32 + AdamW, ZeRO-3 on {DEVICES} "
           f"simulated CPU devices; params {params_bytes / MB:.1f} MB + optimizer {opt_bytes / MB:.1f} MB; "

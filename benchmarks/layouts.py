@@ -37,6 +37,7 @@ import sys
 
 
 from _devices import set_device_count  # noqa: E402  (benchmarks/ is on sys.path)
+import _machine  # noqa: E402
 
 
 DEVICES = 8
@@ -204,6 +205,7 @@ def measure(engine, compiled, host_state, batch, timed: bool) -> dict:
 def main() -> int:
     batch = {"input_ids": np.random.default_rng(0).integers(0, CFG.vocab_size, (ROWS, SEQ), dtype=np.int32)}
     todo = layouts()
+    print(_machine.describe())
     print(f"{len(todo)} layouts of Llama (vocab {CFG.vocab_size}, hidden {CFG.hidden_size}, intermediate "
           f"{CFG.intermediate_size}, {CFG.num_hidden_layers} layers, {CFG.num_attention_heads} heads / "
           f"{CFG.num_key_value_heads} K/V), fp32 AdamW, batch {ROWS} x {SEQ} tokens, {DEVICES} simulated "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import sys
 
 from _devices import set_device_count  # noqa: E402  (benchmarks/ is on sys.path)
+import _machine  # noqa: E402
 
 set_device_count(1)
 
@@ -170,6 +171,7 @@ def main() -> int:
     ref = contenders[0].name
     ref_ms = statistics.median(times[ref]) * 1e3
     tokens = ROWS * SEQ
+    print(_machine.describe())
     print(f"one {jax.devices()[0].platform.upper()} device, Llama vocab {CFG.vocab_size} hidden "
           f"{CFG.hidden_size} ffn {CFG.intermediate_size} layers {CFG.num_hidden_layers} heads "
           f"{CFG.num_attention_heads}, {ROWS} x {SEQ} tokens/step, fp32, AdamW, clip {CLIP}, "

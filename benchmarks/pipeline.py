@@ -33,6 +33,7 @@ import sys
 
 
 from _devices import set_device_count  # noqa: E402  (benchmarks/ is on sys.path)
+import _machine  # noqa: E402
 
 
 DEVICES = 4
@@ -100,6 +101,7 @@ def fit_tick(ms_by_m: dict[int, float], k: int) -> float:
 def main() -> int:
     t_start = time.perf_counter()
     rng = np.random.default_rng(0)
+    print(_machine.describe())
     print(f"Llama (vocab {CFG.vocab_size}, hidden {CFG.hidden_size}, intermediate {CFG.intermediate_size}, "
           f"{CFG.num_hidden_layers} layers, {CFG.num_attention_heads} heads), fp32 AdamW, {MICRO} x {SEQ} "
           f"tokens per micro-batch, global batch {MICRO}M rows, {DEVICES} simulated CPU devices;\n"

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+import _machine  # benchmarks/ is on sys.path when run as a script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny.json")
 
@@ -103,6 +105,7 @@ def main() -> None:
     cols = ["tokens/s", "ms/step", "first step s", "to first s", "wall s", "peak RSS MB"]
     med = {name: {c: statistics.median(r[c] for r in runs) for c in cols} for name, runs in rows.items()}
     width = max(map(len, med)) + 2
+    print(_machine.describe())
     print(f"zerojax train configs/tiny.json --steps {args.steps}: medians of {args.repeats} runs "
           f"(fresh process each; step 1 excluded from tokens/s and ms/step)")
     print("".ljust(width) + "".join(c.rjust(13) for c in cols))

@@ -1,4 +1,7 @@
 """Checkpoints: exact resume on any layout, atomic `latest`, clear errors, streamed export."""
+# Params compared bitwise here are bytes a checkpoint copied (save -> restore, export): an
+# identity on any CPU. Losses after a resume come from another compiled program (another
+# stage or device count), so they are compared within DESIGN.md's ZeRO tolerance.
 from __future__ import annotations
 
 import json

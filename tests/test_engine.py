@@ -101,9 +101,14 @@ def test_model_object_and_model_fn_agree(llama_data):
     batches, _ = llama_data
     by_fn = zerojax.initialize(model_fn=tiny_llama, config=llama_config(1))
     by_module = zerojax.initialize(model=tiny_llama(nnx.Rngs(0)), config=llama_config(1))
+    # The same initialisers, but compiled differently: model_fn= runs them inside one jit,
+    # model= eagerly op by op, so the params may differ in the last bit (they do on some
+    # CPUs). Same function, so the ZeRO tolerances hold, not bitwise equality.
+    assert relative_error(by_fn.state.params, by_module.state.params) <= 1e-6
     a = [float(by_fn.train_step(b)["loss"]) for b in batches[:2]]
     b = [float(by_module.train_step(b)["loss"]) for b in batches[:2]]
-    assert a == b
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    assert relative_error(by_fn.state.params, by_module.state.params) <= 1e-5
 
 
 def test_gradient_accumulation_equals_one_big_batch(llama_data):

@@ -25,6 +25,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))   # benchmarks/_machine.py
+
+import _machine  # noqa: E402
 
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -132,7 +135,8 @@ def main() -> None:
     ref = rows.get("plain")
     ds3 = rows.get("ds3")
     worst = 0.0
-    print(f"\n{args.size} GPT (d_model {common.D_MODEL}, {common.LAYERS} layers, {common.HEADS} heads), "
+    print("\n" + _machine.describe())
+    print(f"{args.size} GPT (d_model {common.D_MODEL}, {common.LAYERS} layers, {common.HEADS} heads), "
           f"{common.ROWS} x {common.SEQ} tokens/step, {args.dtype}, AdamW, clip {common.CLIP}; "
           f"{args.rounds} rounds x {args.steps} steps ({args.steps - args.warmup} timed per run); "
           f"medians over all timed steps of all rounds\n")
