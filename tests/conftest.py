@@ -5,10 +5,28 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+# One persistent compilation cache for the session, inherited by the tests' subprocesses:
+# the same tiny model on the same layout is built by many tests, and each identical
+# program then compiles once. Fresh per run, so no run reads another's executables; a
+# config's own `compilation_cache` still wins. Count compiles with helpers.compile_events.
+# pytest-xdist workers inherit the controller's directory through ZEROJAX_TESTS_XLA_CACHE.
+_OWNS_CACHE = "ZEROJAX_TESTS_XLA_CACHE" not in os.environ
+if _OWNS_CACHE:
+    os.environ["ZEROJAX_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="zerojax-tests-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["ZEROJAX_TESTS_XLA_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWNS_CACHE:
+        shutil.rmtree(os.environ["ZEROJAX_TESTS_XLA_CACHE"], ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,8 @@
 """Shared builders for tests: tiny models, batches and an independent single-device reference."""
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,27 @@ def relative_error(a, b) -> float:
     ys = [np.asarray(y, np.float64) for y in jax.tree.leaves(b)]
     diff = sum(float(np.sum((x - y) ** 2)) for x, y in zip(xs, ys))
     return (diff / sum(float(np.sum(y ** 2)) for y in ys)) ** 0.5
+
+
+@contextlib.contextmanager
+def compile_events():
+    """Count the executables XLA produces inside the block: fresh compiles plus loads from
+    the persistent compilation cache (the suite shares one, see conftest.py), so a test
+    that asserts "this compiles once, then never again" holds whichever test ran first."""
+    events: list[str] = []
+
+    def on_duration(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append("compile")
+
+    def on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            events.append("cache hit")
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)

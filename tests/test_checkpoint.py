@@ -63,6 +63,7 @@ def test_module_only_load_keeps_a_fresh_optimizer(saved_run):
     assert int(engine.state.step) == 0 and engine.global_steps == 0
 
 
+@pytest.mark.slow
 def test_resume_with_other_device_counts(saved_run, run_worker, tmp_path):
     """Saved as ZeRO-3 on 8 devices; loaded as ZeRO-1 on 4 devices and stage 0 on 1 device."""
     root, _, _, losses, _ = saved_run

@@ -41,6 +41,7 @@ def kill(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_leaves_latest_loadable(tmp_path):
     engine = zerojax.initialize(model_fn=tiny_llama, config=config(0))
     for i, delay in enumerate([0.05, 0.3, 0.7]):
@@ -56,6 +57,7 @@ def test_sigkill_during_saves_leaves_latest_loadable(tmp_path):
         assert engine.global_steps == 1
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, run_worker):
     steps = 8
     straight = tmp_path / "straight.npz"

@@ -257,6 +257,7 @@ def test_save_rejects_params_that_do_not_fit(llama, tmp_path):
         hf.save_pretrained(params, hf.load_config(path), str(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_fine_tune_from_hf_then_export_with_the_cli(llama, tmp_path):
     """HF dir -> directly sharded ZeRO-3 engine -> train -> checkpoint -> `zerojax export --hf` -> HF."""
     import zerojax
@@ -287,6 +288,7 @@ def test_cli_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_from_an_hf_directory(llama, tmp_path):
     """`"model": {"init_from": HF_DIR}`: the first step's loss is the HF model's own loss."""
     import zerojax

@@ -24,12 +24,14 @@ def losses(model_fn, kernel_mode, stage=3, tensor=1, steps=3):
     return np.array([float(engine.train_step(b)["loss"]) for b in token_batches(steps, 8)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, model_fn", [("llama", lambda r: Llama(LLAMA, rngs=r)),
                                             ("gpt2", lambda r: GPT2(GPT, rngs=r))])
 def test_pallas_kernels_match_xla_with_zero3_on_8_devices(name, model_fn):
     np.testing.assert_allclose(losses(model_fn, "pallas"), losses(model_fn, "xla"), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_pallas_kernels_compose_with_tensor_parallelism():
     """Tensor 4 with 2 K/V heads: query heads split, K/V replicated and sliced per rank."""
     model_fn = lambda r: Llama(LLAMA, rngs=r)

@@ -7,6 +7,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from zerojax.distributed import strip_device_count_flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +41,7 @@ def _run(args, timeout=60):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_processes_four_devices_each_compute_global_sum():
     # The test process's XLA_FLAGS asks for 8 devices (conftest); children must get 4 each.
     assert "xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
@@ -50,6 +53,7 @@ def test_two_processes_four_devices_each_compute_global_sum():
     assert found == ["process 0 sum 28.0", "process 1 sum 28.0"], proc.stdout
 
 
+@pytest.mark.slow
 def test_failing_child_stops_the_others_and_sets_exit_code():
     program = textwrap.dedent("""
         import os, sys, time
@@ -67,6 +71,7 @@ def test_failing_child_stops_the_others_and_sets_exit_code():
     assert err == ["zerojax launch: process 1 of 2 exited with code 3; stopping 1 other process(es)"], err
 
 
+@pytest.mark.slow
 def test_sigint_is_forwarded_to_children():
     program = "import time; print('ready', flush=True); time.sleep(60)"
     launcher = subprocess.Popen(LAUNCH + ["--nproc", "2", "--", sys.executable, "-c", program],

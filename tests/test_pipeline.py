@@ -48,9 +48,11 @@ def reference(micro, batches):
     return _reference[micro]
 
 
-# Pairwise cover of stages {2, 4} × schedule × micro-batches {P, 2P, 4P} × ZeRO {0, 1, 3}.
-CASES = [(2, "1f1b", 2, 0), (2, "gpipe", 4, 1), (2, "1f1b", 8, 3), (2, "gpipe", 2, 3),
-         (4, "gpipe", 4, 0), (4, "1f1b", 8, 1), (4, "1f1b", 4, 3), (4, "gpipe", 16, 0), (4, "1f1b", 16, 0)]
+# Pairwise cover of stages {2, 4} × schedule × micro-batches {P, 2P} × ZeRO {0, 3} (every
+# pair of values of any two factors appears), plus 4P micro-batches under ZeRO-1; ZeRO-1
+# with 4 stages is also in the gradient test below.
+CASES = [(2, "1f1b", 2, 0), (2, "gpipe", 4, 3), (4, "1f1b", 8, 3), (4, "gpipe", 4, 3), (4, "gpipe", 8, 0),
+         (2, "1f1b", 8, 1)]
 
 
 @pytest.mark.parametrize("stages, schedule, micro, stage", CASES)
@@ -78,8 +80,9 @@ def test_pipeline_gradients_equal_unpipelined_gradients(schedule, batches):
         assert relative_error(piped[name], plain[name]) <= 1e-4, name
 
 
+@pytest.mark.slow
 def test_1f1b_memory_grows_with_stages_not_micro_batches():
-    long = LlamaConfig(**{**PIPE_LLAMA.__dict__, "max_position_embeddings": 256})
+    long = LlamaConfig(**{**PIPE_LLAMA.__dict__, "max_position_embeddings": 128})
 
     def temp(schedule, stages, micro):
         engine = zerojax.initialize(
@@ -87,13 +90,15 @@ def test_1f1b_memory_grows_with_stages_not_micro_batches():
             config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro,
                     "optimizer": {"type": "AdamW"}, "pipeline": {"stages": stages, "schedule": schedule},
                     "zerojax": {"mesh": {"data": 1}}},
-            example_batch={"input_ids": np.zeros((1, 256), np.int32)})
+            example_batch={"input_ids": np.zeros((1, 128), np.int32)})
         return engine.memory_report()["temp"]
 
-    one_f_one_b = temp("1f1b", 2, 8) / temp("1f1b", 2, 2)
-    gpipe = temp("gpipe", 2, 8) / temp("gpipe", 2, 2)
-    assert one_f_one_b <= 1.3, one_f_one_b
-    assert gpipe >= 1.8, gpipe
+    # 3x the micro-batches: GPipe keeps them all (measured 1.66x the temp bytes), 1F1B at
+    # most 2P-1 per stage (1.00x).
+    one_f_one_b = temp("1f1b", 2, 6) / temp("1f1b", 2, 2)
+    gpipe = temp("gpipe", 2, 6) / temp("gpipe", 2, 2)
+    assert one_f_one_b <= 1.15, one_f_one_b
+    assert gpipe >= 1.5, gpipe
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -149,6 +154,7 @@ def test_a_user_module_is_pipelined_through_the_same_three_methods():
     np.testing.assert_allclose(piped, plain, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_under_a_pipeline_loads_plain_and_back(tmp_path, batches):
     piped = zerojax.initialize(model_fn=pipe_llama, config=config(2, 4, stage=3))
     piped.train_step(batches[0])

@@ -61,6 +61,7 @@ def test_finetune_hf_parses_and_needs_a_directory():
         model_fn_from_config(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_recipe_trains_two_steps(path, tmp_path):
     config = zerojax.Config.load(path).with_overrides(SMALL)
@@ -72,6 +73,7 @@ def test_recipe_trains_two_steps(path, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args", [("own_module.py", []), ("train_loop.py", ["OUT"])])
 def test_example_runs(script, args, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -12,6 +12,10 @@ import pytest
 from tests.conftest import ROOT
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
+# The main job's recipe at half width and depth, shorter windows: the same code paths
+# (ZeRO-3, stdlib corpus, checkpoints, eval), half the time per run.
+SMALLER = ("--set", "zerojax.model.hidden_size=64", "--set", "zerojax.model.intermediate_size=128",
+           "--set", "zerojax.model.num_hidden_layers=2", "--set", "zerojax.data.seq_len=64")
 
 
 def zerojax_cli(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
@@ -30,11 +34,12 @@ def read_metrics(out) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
-    proc = zerojax_cli("train", TINY, "--steps", 60, "--out", out)
+    proc = zerojax_cli("train", TINY, "--steps", 60, "--out", out, *SMALLER)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
 
+@pytest.mark.slow
 def test_train_learns_and_writes_its_outputs(trained):
     out, proc = trained
     rows = [r for r in read_metrics(out) if "loss" in r]
@@ -48,15 +53,17 @@ def test_train_learns_and_writes_its_outputs(trained):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerun_resumes_where_it_stopped(trained):
     out, _ = trained
-    proc = zerojax_cli("train", TINY, "--steps", 80, "--out", out)
+    proc = zerojax_cli("train", TINY, "--steps", 80, "--out", out, *SMALLER)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed" in proc.stderr and "step 60" in proc.stderr
     steps = [r["step"] for r in read_metrics(out) if "loss" in r]
     assert steps == list(range(1, 81))                # 61..80 appended, nothing retrained
 
 
+@pytest.mark.slow
 def test_generate_samples_from_the_run(trained):
     out, _ = trained
     proc = zerojax_cli("generate", out, "--prompt", "def ", "--max-new-tokens", 20)
@@ -64,6 +71,7 @@ def test_generate_samples_from_the_run(trained):
     assert proc.stdout.startswith("def ") and len(proc.stdout) > 10
 
 
+@pytest.mark.slow
 def test_info_shows_mesh_and_memory_plan():
     proc = zerojax_cli("info", TINY)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -113,26 +121,28 @@ def test_bad_input_exits_2_with_one_line(case, bad_inputs):
     assert message.count("\n") == 1 and expected in message, message
 
 
+@pytest.mark.slow
 def test_two_processes_log_the_same_losses_as_one(tmp_path):
     """`zerojax launch --nproc 2` (2 processes × 1 device) vs one process with 2 devices."""
     one, two = tmp_path / "one", tmp_path / "two"
-    single = zerojax_cli("train", TINY, "--steps", 5, "--out", one,
+    single = zerojax_cli("train", TINY, "--steps", 3, "--out", one, *SMALLER,
                          env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.returncode == 0, single.stderr[-3000:]
     launched = zerojax_cli("launch", "--nproc", 2, "--", sys.executable, "-m", "zerojax.cli",
-                           "train", TINY, "--steps", 5, "--out", two)
+                           "train", TINY, "--steps", 3, "--out", two, *SMALLER)
     assert launched.returncode == 0, launched.stderr[-3000:]
     losses = lambda out: [r["loss"] for r in read_metrics(out) if "loss" in r]
-    assert len(losses(two)) == 5
+    assert len(losses(two)) == 3
     np.testing.assert_allclose(losses(two), losses(one), atol=1e-4, rtol=0)
-    assert (two / "global_step5").is_dir()            # both processes wrote their shards
+    assert (two / "global_step3").is_dir()            # both processes wrote their shards
 
 
+@pytest.mark.slow
 def test_sigint_stops_gracefully_with_a_checkpoint(tmp_path):
     import signal
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen([sys.executable, "-m", "zerojax.cli", "train", TINY, "--steps", "100000",
-                             "--out", str(tmp_path), "--set", "steps_per_print=1"],
+                             "--out", str(tmp_path), "--set", "steps_per_print=1", *SMALLER],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
         if line.startswith("step 3/"):
@@ -147,9 +157,10 @@ def test_sigint_stops_gracefully_with_a_checkpoint(tmp_path):
     assert read_metrics(tmp_path)[-1].get("step", 0) <= stopped_at
 
 
+@pytest.mark.slow
 def test_persistent_compilation_cache(tmp_path):
     cache = tmp_path / "xla_cache"
-    proc = zerojax_cli("train", TINY, "--steps", 1, "--out", tmp_path / "run",
+    proc = zerojax_cli("train", TINY, "--steps", 1, "--out", tmp_path / "run", *SMALLER,
                        "--set", f"zerojax.compilation_cache={cache}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert cache.is_dir() and any(cache.iterdir())

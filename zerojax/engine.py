@@ -90,6 +90,9 @@ class Engine:
         self.batch_sizes: BatchSizes = config.resolve_batch(data_parallel_size(self.mesh))
         self.compute_dtype = precision.compute_dtype(config)
 
+        if config.zerojax.compilation_cache:
+            # Before anything compiles, so a rerun also loads the sharded init program.
+            use_compilation_cache(config.zerojax.compilation_cache)
         seed = config.zerojax.seed
         with nnx.use_eager_sharding(False):
             abstract_model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed))) if model_fn else model
@@ -134,8 +137,6 @@ class Engine:
         else:
             self.state: TrainState = self._create_state(model, model_fn, seed, loss_scale)
 
-        if config.zerojax.compilation_cache:
-            use_compilation_cache(config.zerojax.compilation_cache)
         remat = resolve_remat(config.zerojax.remat, stage, "activation_checkpointing" in config.raw,
                               self.mesh.devices.flat[0].platform)
         self.policy = compute.ComputePolicy(
