@@ -94,12 +94,12 @@ WPE_AXES = ("positions", "embed")
 NORM_AXES = ("embed",)
 
 
-def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array], attend=L.causal_attention) -> jax.Array:
     # Pinned layouts: heads over `tensor` (Megatron's column-parallel QKV), length over `sequence`.
     q_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["q_proj"], p["q_bias"]), L.BLHK)
     k_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["k_proj"], p["k_bias"]), L.BLHK)
     v_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["v_proj"], p["v_bias"]), L.BLHK)
-    out_BLHK = L.causal_attention(q_BLHK, k_BLHK, v_BLHK)
+    out_BLHK = attend(q_BLHK, k_BLHK, v_BLHK)
     return L.matmul("blhk,hkd->bld", out_BLHK, p["attn_proj"], p["attn_proj_bias"])
 
 
@@ -108,8 +108,9 @@ def mlp_block(x_BLD: jax.Array, p: Mapping[str, jax.Array], act) -> jax.Array:
     return L.matmul("blf,fd->bld", h_BLF, p["c_proj"], p["c_proj_bias"])
 
 
-def block(x_BLD: jax.Array, p: Mapping[str, jax.Array], eps: float, act) -> jax.Array:
-    x_BLD = x_BLD + attention_block(L.layer_norm(x_BLD, p["ln_1_scale"], p["ln_1_bias"], eps), p)
+def block(x_BLD: jax.Array, p: Mapping[str, jax.Array], eps: float, act,
+          attend=L.causal_attention) -> jax.Array:
+    x_BLD = x_BLD + attention_block(L.layer_norm(x_BLD, p["ln_1_scale"], p["ln_1_bias"], eps), p, attend)
     return x_BLD + mlp_block(L.layer_norm(x_BLD, p["ln_2_scale"], p["ln_2_bias"], eps), p, act)
 
 
@@ -131,12 +132,15 @@ class GPT2(nnx.Module):
 
     # The model in three parts — embed, the layer stack, head — so a pipeline can give each
     # stage its slice of `layers` and run the embedding and head on the first and last stage.
-    def embed(self, input_ids_BL: jax.Array) -> jax.Array:
+    def embed(self, input_ids_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+        """Token plus learned position embeddings; positions 0..L-1 unless given (cached decoding)."""
         length = input_ids_BL.shape[1]
-        if length > self.cfg.n_positions:
-            raise ValueError(f"sequence length {length} exceeds n_positions ({self.cfg.n_positions})")
         wte_VD = compute.for_compute(self.wte[...], WTE_AXES)
         wpe_PD = compute.for_compute(self.wpe[...], WPE_AXES)
+        if positions_BL is not None:
+            return compute.constrain(L.embed(wte_VD, input_ids_BL) + L.embed(wpe_PD, positions_BL), L.BLD)
+        if length > self.cfg.n_positions:
+            raise ValueError(f"sequence length {length} exceeds n_positions ({self.cfg.n_positions})")
         return compute.constrain(L.embed(wte_VD, input_ids_BL) + wpe_PD[None, :length], L.BLD)
 
     def run_layers(self, x_BLD: jax.Array) -> jax.Array:
@@ -144,6 +148,17 @@ class GPT2(nnx.Module):
         eps, act = self.cfg.layer_norm_epsilon, L.activation(self.cfg.activation_function)
         return L.scan_layers(lambda x, p: block(x, p, eps, act), x_BLD, self.layers.arrays(),
                              L.layer_axes(layer_specs(self.cfg)))
+
+    # The serving protocol (zerojax.inference); see Llama.
+    def kv_geometry(self) -> L.KVGeometry:
+        cfg = self.cfg
+        return L.KVGeometry(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.n_positions, cfg.vocab_size)
+
+    def run_layers_cached(self, x_BLD: jax.Array, positions_BL: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
+        del positions_BL                # learned positions entered in `embed`
+        eps, act = self.cfg.layer_norm_epsilon, L.activation(self.cfg.activation_function)
+        return L.scan_layers_cached(lambda x, p, attend: block(x, p, eps, act, attend), x_BLD,
+                                    self.layers.arrays(), L.layer_axes(layer_specs(self.cfg)), kv)
 
     def _final(self, x_BLD: jax.Array) -> jax.Array:
         scale_D = compute.for_compute(self.ln_f_scale[...], NORM_AXES)

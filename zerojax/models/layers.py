@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +105,39 @@ def scan_layers(block: Callable, x_BLD: jax.Array, stacked: Mapping[str, jax.Arr
     return x_BLD
 
 
+def scan_layers_cached(block: Callable, x_BLD: jax.Array, stacked: Mapping[str, jax.Array],
+                       axes: Mapping[str, tuple[str, ...]], kv: Any) -> tuple[jax.Array, Any]:
+    """`scan_layers` for cached decoding: `block(x_BLD, layer_params, attend)`.
+
+    `kv` is the serving runtime's paged cache (see `zerojax.inference.paged_attention`):
+    `kv.pages` is the stacked K/V of every layer, carried through the scan so each layer
+    updates its pages in place, and `kv.attend_layer(pages, i)` gives layer i's attention
+    (write this step's K/V, attend over the cached ones). The block is the training block:
+    only where attention gets K/V from differs. No remat: there is no backward pass.
+    """
+    def body(carry, layer):
+        x_BLD, pages = carry
+        layer_params, index = layer
+        attend = kv.attend_layer(pages, index)
+        x_BLD = block(x_BLD, compute.for_compute(layer_params, axes), attend)
+        return (compute.constrain(x_BLD, BLD), attend.pages), None
+
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    (x_BLD, pages), _ = jax.lax.scan(body, (x_BLD, kv.pages), (dict(stacked), jnp.arange(num_layers)))
+    return x_BLD, kv.replace_pages(pages)
+
+
+class KVGeometry(NamedTuple):
+    """What a servable model's K/V pages hold: per token, `layers` x `kv_heads` x `head_dim`
+    keys and as many values; `max_positions` bounds the context, `vocab_size` the ids."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    max_positions: int
+    vocab_size: int
+
+
 # ----------------------------------------------------------------------------- math
 
 def _pallas() -> bool:
@@ -138,11 +171,15 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
 
 def rope_cos_sin(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """fp32 cos/sin tables [length, head_dim] in Hugging Face's layout (frequencies repeated)."""
+    return rope_at(jnp.arange(length), head_dim, theta)
+
+
+def rope_at(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """fp32 cos/sin tables [..., head_dim] for the given token positions (any shape)."""
     inv_freq_K = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    positions_L = jnp.arange(length, dtype=jnp.float32)
-    freqs_LK = positions_L[:, None] * inv_freq_K[None, :]
-    angles_LD = jnp.concatenate([freqs_LK, freqs_LK], axis=-1)
-    return jnp.cos(angles_LD), jnp.sin(angles_LD)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq_K
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -150,10 +187,15 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x_BLHK: jax.Array, cos_LK: jax.Array, sin_LK: jax.Array) -> jax.Array:
-    """Rotary embedding, `x * cos + rotate_half(x) * sin` with tables cast to x's dtype."""
-    cos = cos_LK[None, :, None, :].astype(x_BLHK.dtype)
-    sin = sin_LK[None, :, None, :].astype(x_BLHK.dtype)
+def apply_rope(x_BLHK: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding, `x * cos + rotate_half(x) * sin` with tables cast to x's dtype.
+
+    Tables are [L, K] (positions 0..L-1, training) or [B, L, K] (given positions, cached
+    decoding)."""
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos[:, :, None, :].astype(x_BLHK.dtype)
+    sin = sin[:, :, None, :].astype(x_BLHK.dtype)
     return x_BLHK * cos + rotate_half(x_BLHK) * sin
 
 

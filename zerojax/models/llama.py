@@ -101,15 +101,15 @@ NORM_AXES = ("embed",)
 HEAD_AXES = ("embed", "vocab")
 
 
-def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array],
-                    cos_LK: jax.Array, sin_LK: jax.Array) -> jax.Array:
+def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array], cos_LK: jax.Array,
+                    sin_LK: jax.Array, attend=L.causal_attention) -> jax.Array:
     # Pinned layouts: heads over `tensor` (Megatron's column-parallel QKV), length over `sequence`.
     q_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["q_proj"]), L.BLHK)
     k_BLGK = compute.constrain(L.matmul("bld,dgk->blgk", x_BLD, p["k_proj"]), L.BLGK)
     v_BLGK = compute.constrain(L.matmul("bld,dgk->blgk", x_BLD, p["v_proj"]), L.BLGK)
     q_BLHK = L.apply_rope(q_BLHK, cos_LK, sin_LK)
     k_BLGK = L.apply_rope(k_BLGK, cos_LK, sin_LK)
-    out_BLHK = L.causal_attention(q_BLHK, k_BLGK, v_BLGK)
+    out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK)
     return L.matmul("blhk,hkd->bld", out_BLHK, p["o_proj"])
 
 
@@ -120,8 +120,9 @@ def mlp_block(x_BLD: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def decoder_layer(x_BLD: jax.Array, p: Mapping[str, jax.Array], cos_LK: jax.Array,
-                  sin_LK: jax.Array, eps: float) -> jax.Array:
-    x_BLD = x_BLD + attention_block(L.rms_norm(x_BLD, p["input_layernorm"], eps), p, cos_LK, sin_LK)
+                  sin_LK: jax.Array, eps: float, attend=L.causal_attention) -> jax.Array:
+    x_BLD = x_BLD + attention_block(L.rms_norm(x_BLD, p["input_layernorm"], eps), p, cos_LK, sin_LK,
+                                    attend)
     return x_BLD + mlp_block(L.rms_norm(x_BLD, p["post_attention_layernorm"], eps), p)
 
 
@@ -143,7 +144,8 @@ class Llama(nnx.Module):
 
     # The model in three parts — embed, the layer stack, head — so a pipeline can give each
     # stage its slice of `layers` and run the embedding and head on the first and last stage.
-    def embed(self, input_ids_BL: jax.Array) -> jax.Array:
+    def embed(self, input_ids_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+        del positions_BL                # rotary: positions enter in the attention
         table_VD = compute.for_compute(self.embed_tokens[...], EMBED_AXES)
         return compute.constrain(L.embed(table_VD, input_ids_BL), L.BLD)
 
@@ -156,6 +158,22 @@ class Llama(nnx.Module):
             return decoder_layer(x_BLD, p, cos_LK, sin_LK, cfg.rms_norm_eps)
 
         return L.scan_layers(block, x_BLD, self.layers.arrays(), L.layer_axes(layer_specs(cfg)))
+
+    # The serving protocol (zerojax.inference): the K/V a page holds, and the layer stack
+    # over a ragged batch of new tokens at given positions, K/V read from and written to pages.
+    def kv_geometry(self) -> L.KVGeometry:
+        cfg = self.cfg
+        return L.KVGeometry(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                            cfg.max_position_embeddings, cfg.vocab_size)
+
+    def run_layers_cached(self, x_BLD: jax.Array, positions_BL: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
+        cfg = self.cfg
+        cos_BLK, sin_BLK = L.rope_at(positions_BL, cfg.head_dim, cfg.rope_theta)
+
+        def block(x_BLD, p, attend):
+            return decoder_layer(x_BLD, p, cos_BLK, sin_BLK, cfg.rms_norm_eps, attend)
+
+        return L.scan_layers_cached(block, x_BLD, self.layers.arrays(), L.layer_axes(layer_specs(cfg)), kv)
 
     def _final(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, bool]:
         """Final-norm hidden states, the output table, and whether it is laid out [V, D]."""

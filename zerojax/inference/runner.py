@@ -1,0 +1,202 @@
+"""The compiled ragged step: one forward over a step's tokens, K/V to pages, sampling.
+
+Shapes are static per bucket: `tokens` flat tokens (a few sizes up to the token budget),
+decode rows `min(max_seqs, tokens)`, prefill blocks enough for `max_prefill_chunks`
+chunks, sampled rows = decode rows + `max_prefill_chunks`. Every bucket is compiled
+ahead of time by `warmup()`; a step runs the smallest bucket its plan fits, so no request
+mix compiles anything after start-up. The pages and the per-slot penalty state are
+donated to each step and updated in place.
+
+Flat token layout of a step: the decode tokens first (row i = decode sequence i), then the
+prefill chunks back to back; padding tokens write to the trash page and attend to nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from zerojax import compute, host_memory
+from zerojax.inference import paged_attention as pa
+from zerojax.inference import sampling
+from zerojax.inference.scheduler import StepPlan
+
+PAD_KIND, PROMPT_KIND, OUTPUT_KIND = 0, 1, 2     # what a fed token counts as for the penalties
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    tokens: int
+    decode_rows: int
+    prefill_blocks: int
+    sample_rows: int
+
+
+def token_buckets(budget: int, smallest: int = 16) -> list[int]:
+    """16, 64, 256, ... below the budget, then the budget itself."""
+    sizes, size = [], smallest
+    while size < budget:
+        sizes.append(size)
+        size *= 4
+    return sizes + [budget]
+
+
+class Runner:
+    """Owns the device side of serving: params, pages, per-slot state, compiled buckets."""
+
+    def __init__(self, graphdef, params, rest, policy: compute.ComputePolicy, geometry, *, num_pages: int,
+                 page_size: int, max_seqs: int, token_budget: int, max_context: int, query_block: int = 16,
+                 max_prefill_chunks: int = 4, num_logprobs: int = 20, pages_per_iter: int | None = None,
+                 keep_logits: bool = False):
+        self.graphdef, self.params, self.rest, self.policy = graphdef, params, rest, policy
+        self.geometry, self.page_size, self.max_seqs = geometry, page_size, max_seqs
+        self.query_block, self.max_chunks = query_block, max_prefill_chunks
+        self.num_logprobs = min(num_logprobs, geometry.vocab_size)
+        self.pages_per_iter = pages_per_iter or max(1, 64 // page_size)
+        self.keep_logits = keep_logits
+        self.pages_per_seq = math.ceil(max_context / page_size)
+        mesh = policy.mesh
+        self.replicated = NamedSharding(mesh, P())
+        self.cache_sharding = NamedSharding(mesh, pa.cache_spec(policy))
+        self.pages = pa.empty_pages(geometry, num_pages, page_size, policy.dtype, self.cache_sharding)
+        V = geometry.vocab_size
+        state = jax.jit(lambda: (jnp.zeros((max_seqs, V), jnp.int32), jnp.zeros((max_seqs, V), bool)),
+                        out_shardings=(self.replicated, self.replicated))
+        self.counts, self.seen = state()
+        self.tables = np.zeros((max_seqs, self.pages_per_seq), np.int32)
+        self.buckets = [self._bucket(t) for t in token_buckets(token_budget)]
+        self._step = jax.jit(self._forward, donate_argnums=(2, 3, 4),
+                             out_shardings=(self.cache_sharding, self.replicated, self.replicated, self.replicated))
+        self.executables: dict[int, Any] = {}
+
+    def _bucket(self, tokens: int) -> Bucket:
+        blocks = math.ceil(tokens / self.query_block) + self.max_chunks
+        decode = min(self.max_seqs, tokens)
+        return Bucket(tokens, decode, blocks, decode + self.max_chunks)
+
+    # ---- the traced step
+    def _forward(self, params, rest, pages, counts, seen, batch, meta, rows):
+        model = nnx.merge(self.graphdef, params, rest)
+        ids_1T, positions_1T = batch["ids"][None], batch["positions"][None]
+        with compute.use(self.policy):
+            x_1TD = model.embed(ids_1T, positions_1T)
+            kv = pa.PagedKV(pages, meta, kernels=self.policy.kernels, pages_per_iter=self.pages_per_iter)
+            x_1TD, kv = model.run_layers_cached(x_1TD, positions_1T, kv)
+            logits_RV = model.head_logits(x_1TD[:, batch["row_token"]])[0]
+        reset = batch["reset"][:, None]
+        counts, seen = jnp.where(reset, 0, counts), jnp.where(reset, False, seen)
+        where = (batch["slot"], batch["ids"])
+        seen = seen.at[where].max(batch["kind"] == PROMPT_KIND)
+        counts = counts.at[where].add((batch["kind"] == OUTPUT_KIND).astype(jnp.int32))
+        out = sampling.sample(logits_RV, rows, seen, counts, self.num_logprobs)
+        counts = counts.at[rows.slot, out["token"]].add(rows.valid.astype(jnp.int32))
+        if self.keep_logits:
+            out["logits"] = logits_RV
+        return kv.pages, counts, seen, out
+
+    # ---- host side
+    def warmup(self) -> None:
+        """Compile every bucket now (start-up), so serving never compiles."""
+        for bucket in self.buckets:
+            self._executable(bucket)
+
+    def _executable(self, bucket: Bucket):
+        if bucket.tokens not in self.executables:
+            batch, meta, rows = self._abstract(bucket)
+            self.executables[bucket.tokens] = self._step.lower(
+                self.params, self.rest, self.pages, self.counts, self.seen, batch, meta, rows).compile()
+            host_memory.release_freed()
+        return self.executables[bucket.tokens]
+
+    def _abstract(self, bucket: Bucket):
+        batch, meta, rows = self._host_arrays(bucket)
+        to_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated)
+        return jax.tree.map(to_struct, (batch, meta, sampling.Rows(**rows)))
+
+    def bucket_for(self, plan: StepPlan) -> Bucket:
+        for bucket in self.buckets:
+            blocks = sum(math.ceil(c.length / self.query_block) for c in plan.prefill)
+            if plan.tokens <= bucket.tokens and len(plan.decode) <= bucket.decode_rows \
+                    and blocks <= bucket.prefill_blocks:
+                return bucket
+        raise RuntimeError(f"a step of {plan.tokens} tokens fits no bucket (the scheduler keeps to the budget)")
+
+    def _host_arrays(self, bucket: Bucket):
+        T, D, NP, Q, R = bucket.tokens, bucket.decode_rows, bucket.prefill_blocks, self.query_block, bucket.sample_rows
+        i32 = np.int32
+        batch = {"ids": np.zeros(T, i32), "positions": np.zeros(T, i32), "slot": np.zeros(T, i32),
+                 "kind": np.zeros(T, i32), "row_token": np.zeros(R, i32), "reset": np.zeros(self.max_seqs, bool)}
+        meta = pa.StepMeta(
+            write_page=np.full(T, pa.TRASH_PAGE, i32), write_offset=np.zeros(T, i32),
+            block_tables=self.tables, kv_lens=np.zeros(self.max_seqs, i32),
+            decode_token=np.full(D, T, i32), decode_slot=np.zeros(D, i32), decode_pos=np.full(D, -1, i32),
+            prefill_token=np.full((NP, Q), T, i32), prefill_slot=np.zeros(NP, i32),
+            prefill_pos=np.full((NP, Q), -1, i32))
+        rows = sampling.host_rows(R)
+        return batch, meta, rows
+
+    def run(self, plan: StepPlan) -> tuple[dict[str, np.ndarray], list]:
+        """Run one planned step; returns the sampled outputs and, per row, its sequence."""
+        bucket = self.bucket_for(plan)
+        batch, meta, rows = self._host_arrays(bucket)
+        row_seqs: list = [None] * bucket.sample_rows
+        flat = 0
+
+        def feed(seq, start, length, decode=False):
+            nonlocal flat
+            span = slice(flat, flat + length)
+            positions = np.arange(start, start + length)
+            batch["ids"][span] = seq.tokens[start:start + length]
+            batch["positions"][span] = positions
+            batch["slot"][span] = seq.slot
+            # A decode token was counted when it was drawn; a recomputed one is counted again
+            # (the slot's state was reset when the sequence was re-admitted).
+            batch["kind"][span] = PAD_KIND if decode else np.where(positions < seq.prompt_len, PROMPT_KIND,
+                                                                   OUTPUT_KIND)
+            pages = np.asarray(seq.pages, np.int32)
+            meta.write_page[span] = pages[positions // self.page_size]
+            meta.write_offset[span] = positions % self.page_size
+            self.tables[seq.slot, :len(seq.pages)] = seq.pages
+            self.tables[seq.slot, len(seq.pages):] = pa.TRASH_PAGE
+            meta.kv_lens[seq.slot] = start + length
+            batch["reset"][seq.slot] |= seq.reset_slot
+            flat += length
+            return span, positions
+
+        for i, seq in enumerate(plan.decode):
+            span, positions = feed(seq, seq.num_computed, 1, decode=True)
+            meta.decode_token[i], meta.decode_slot[i], meta.decode_pos[i] = span.start, seq.slot, positions[0]
+            self._row(batch, rows, row_seqs, i, seq, span.start)
+        block = 0
+        for c, chunk in enumerate(plan.prefill):
+            span, positions = feed(chunk.seq, chunk.start, chunk.length)
+            for offset in range(0, chunk.length, self.query_block):
+                n = min(self.query_block, chunk.length - offset)
+                meta.prefill_token[block, :n] = np.arange(span.start + offset, span.start + offset + n)
+                meta.prefill_pos[block, :n] = positions[offset:offset + n]
+                meta.prefill_slot[block] = chunk.seq.slot
+                block += 1
+            if chunk.sample:
+                self._row(batch, rows, row_seqs, bucket.decode_rows + c, chunk.seq, span.stop - 1)
+        put = lambda x: jax.device_put(x, self.replicated)
+        args = (jax.tree.map(put, batch), jax.tree.map(put, meta), sampling.Rows(**jax.tree.map(put, rows)))
+        self.pages, self.counts, self.seen, out = self._executable(bucket)(
+            self.params, self.rest, self.pages, self.counts, self.seen, *args)
+        return jax.tree.map(np.asarray, out), row_seqs
+
+    @staticmethod
+    def _row(batch, rows, row_seqs, r, seq, token_index):
+        batch["row_token"][r] = token_index
+        sampling.fill_row(rows, r, slot=seq.slot, params=seq.params, seed=seq.seed,
+                          index=len(seq.tokens) - seq.prompt_len, stop_ids=seq.stop_ids)
+        row_seqs[r] = seq
+
+    def set_params(self, params) -> None:
+        """New weights in the same layout (the hybrid engine's update); no recompile."""
+        self.params = params
