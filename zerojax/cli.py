@@ -81,16 +81,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from zerojax.data import ByteTokenizer
-    from zerojax.generate import load_model, sample
-    model = load_model(args.checkpoint, args.tag)
-    vocab = model.cfg.vocab_size
-    if vocab < 256:
-        raise ValueError(f"the model's vocab is {vocab}; --prompt is byte-level text and needs 256")
-    tokenizer = ByteTokenizer()
-    ids = sample(model, tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
-    print(args.prompt + tokenizer.decode(ids))
+    from zerojax import inference
+    pipe = inference.pipeline(args.checkpoint, tag=args.tag, token_budget=64, max_seqs=1)
+    if pipe.tokenizer is None:
+        raise ValueError(f"the model in {args.checkpoint} has no tokenizer (vocab "
+                         f"{pipe.engine.geometry.vocab_size}, no tokenizer.json); --prompt needs one")
+    out = pipe(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+               top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)[0]
+    print(args.prompt + out.generated_text)
     return 0
 
 
@@ -133,13 +131,14 @@ def _add_train_commands(commands) -> None:
                        help="override a config key by dotted path, e.g. zero_optimization.stage=2")
     train.set_defaults(run=_train)
 
-    generate = commands.add_parser("generate", help="sample text from a trained checkpoint")
-    generate.add_argument("checkpoint", help="a run's output directory (the one holding 'latest')")
+    generate = commands.add_parser("generate", help="sample text from a trained checkpoint or HF directory (the inference engine)")
+    generate.add_argument("checkpoint", help="a run's output directory (the one holding 'latest') or a HF directory")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--tag")
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-k", type=int, default=40)
+    generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=_generate)
 

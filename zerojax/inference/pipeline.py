@@ -75,14 +75,17 @@ class Pipeline:
 
 def pipeline(src: Any, *, tensor_parallel: int = 1, page_size: int | None = None, num_pages: int | None = None,
              token_budget: int | None = None, max_seqs: int | None = None, max_context: int | None = None,
-             dtype: Any = None, prefix_caching: bool = True, kernels: str = "auto", **engine_options) -> Pipeline:
+             dtype: Any = None, prefix_caching: bool = True, kernels: str = "auto", tag: str | None = None,
+             **engine_options) -> Pipeline:
     """A warmed-up pipeline (every step shape compiled) for `src`; see the module docstring.
 
     `num_pages` counts usable pages of `page_size` tokens (K/V of every layer);
     `max_seqs` defaults to min(64, token_budget); `max_context` to the model's
-    `max_position_embeddings`; `dtype=None` keeps the weights' stored dtype.
+    `max_position_embeddings`; `dtype=None` keeps the weights' stored dtype; `tag` picks
+    a checkpoint of a run other than its `latest`. Other keywords go to `InferenceEngine`
+    (`max_logprobs`, `keep_logits`, `warmup`).
     """
-    loaded = sources.load(src, tensor_parallel=tensor_parallel)
+    loaded = sources.load(src, tensor_parallel=tensor_parallel, tag=tag)
     engine = InferenceEngine(loaded, page_size=page_size, num_pages=num_pages, token_budget=token_budget,
                              max_seqs=max_seqs, max_context=max_context, dtype=dtype,
                              prefix_caching=prefix_caching, kernels=kernels, **engine_options)

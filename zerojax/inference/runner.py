@@ -74,6 +74,9 @@ class Runner:
         self._step = jax.jit(self._forward, donate_argnums=(2, 3, 4),
                              out_shardings=(self.cache_sharding, self.replicated, self.replicated, self.replicated))
         self.executables: dict[int, Any] = {}
+        self.context_tokens = self.pages_per_seq * page_size
+        self._prime = jax.jit(_prime_slot, donate_argnums=(0, 1), out_shardings=(self.replicated, self.replicated))
+        self._prime_executable = None
 
     def _bucket(self, tokens: int) -> Bucket:
         blocks = math.ceil(tokens / self.query_block) + self.max_chunks
@@ -91,9 +94,7 @@ class Runner:
             logits_RV = model.head_logits(x_1TD[:, batch["row_token"]])[0]
         reset = batch["reset"][:, None]
         counts, seen = jnp.where(reset, 0, counts), jnp.where(reset, False, seen)
-        where = (batch["slot"], batch["ids"])
-        seen = seen.at[where].max(batch["kind"] == PROMPT_KIND)
-        counts = counts.at[where].add((batch["kind"] == OUTPUT_KIND).astype(jnp.int32))
+        counts, seen = _count_tokens(counts, seen, batch["slot"], batch["ids"], batch["kind"])
         out = sampling.sample(logits_RV, rows, seen, counts, self.num_logprobs)
         counts = counts.at[rows.slot, out["token"]].add(rows.valid.astype(jnp.int32))
         if self.keep_logits:
@@ -105,6 +106,26 @@ class Runner:
         """Compile every bucket now (start-up), so serving never compiles."""
         for bucket in self.buckets:
             self._executable(bucket)
+        self._prime_slot_executable()
+
+    def _prime_slot_executable(self):
+        if self._prime_executable is None:
+            struct = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
+            C = self.context_tokens
+            self._prime_executable = self._prime.lower(
+                self.counts, self.seen, struct((), jnp.int32), struct((C,), jnp.int32),
+                struct((C,), jnp.int32)).compile()
+        return self._prime_executable
+
+    def prime_slot(self, seq, upto: int) -> None:
+        """Start `seq`'s slot from its first `upto` tokens, whose K/V came from the prefix
+        cache and are never fed: the penalties must still see them."""
+        ids, kinds = np.zeros(self.context_tokens, np.int32), np.zeros(self.context_tokens, np.int32)
+        ids[:upto] = seq.tokens[:upto]
+        kinds[:upto] = np.where(np.arange(upto) < seq.prompt_len, PROMPT_KIND, OUTPUT_KIND)
+        put = lambda x: jax.device_put(x, self.replicated)
+        self.counts, self.seen = self._prime_slot_executable()(
+            self.counts, self.seen, put(np.int32(seq.slot)), put(ids), put(kinds))
 
     def _executable(self, bucket: Bucket):
         if bucket.tokens not in self.executables:
@@ -165,7 +186,10 @@ class Runner:
             self.tables[seq.slot, :len(seq.pages)] = seq.pages
             self.tables[seq.slot, len(seq.pages):] = pa.TRASH_PAGE
             meta.kv_lens[seq.slot] = start + length
-            batch["reset"][seq.slot] |= seq.reset_slot
+            if seq.reset_slot and start > 0:
+                self.prime_slot(seq, start)                # resets the slot itself
+            else:
+                batch["reset"][seq.slot] |= seq.reset_slot
             flat += length
             return span, positions
 
@@ -200,3 +224,17 @@ class Runner:
     def set_params(self, params) -> None:
         """New weights in the same layout (the hybrid engine's update); no recompile."""
         self.params = params
+
+
+def _count_tokens(counts_SV, seen_SV, slots, ids, kinds):
+    """The penalty state of fed tokens: prompt ids are `seen` (repetition penalty), output
+    ids are counted (presence/frequency); padding is neither."""
+    where = (slots, ids)
+    seen_SV = seen_SV.at[where].max(kinds == PROMPT_KIND)
+    counts_SV = counts_SV.at[where].add((kinds == OUTPUT_KIND).astype(jnp.int32))
+    return counts_SV, seen_SV
+
+
+def _prime_slot(counts_SV, seen_SV, slot, ids, kinds):
+    counts_SV, seen_SV = counts_SV.at[slot].set(0), seen_SV.at[slot].set(False)
+    return _count_tokens(counts_SV, seen_SV, jnp.full_like(ids, slot), ids, kinds)

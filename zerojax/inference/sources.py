@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from zerojax import checkpoint, models, partition
 from zerojax.config import ConfigError
@@ -70,7 +70,8 @@ def _layout(abstract_module: nnx.Module, mesh: Mesh):
     return abstract, rules, layout.shardings(layout.compute)
 
 
-def load(src: Any, *, tensor_parallel: int = 1, devices=None) -> Loaded:
+def load(src: Any, *, tensor_parallel: int = 1, devices=None, tag: str | None = None) -> Loaded:
+    """Weights, module and tokenizer of `src`; `tag` picks a checkpoint other than `latest`."""
     from zerojax.engine import Engine
 
     if isinstance(src, Engine):
@@ -85,7 +86,7 @@ def load(src: Any, *, tensor_parallel: int = 1, devices=None) -> Loaded:
         mesh = inference_mesh(tensor_parallel, devices)
         if os.path.exists(os.path.join(path, "config.json")):
             return _from_hf(path, mesh)
-        return _from_checkpoint(path, mesh)
+        return _from_checkpoint(path, mesh, tag)
     raise TypeError(f"cannot serve a {type(src).__name__}: pass a checkpoint root, a Hugging Face "
                     f"directory, a zerojax Engine or an nnx.Module")
 
@@ -102,8 +103,8 @@ def _default_tokenizer(directory: str | None, vocab_size: int):
     return tok.ByteTokenizer() if vocab_size == 256 else None
 
 
-def _from_checkpoint(root: str, mesh: Mesh) -> Loaded:
-    tag = checkpoint.resolve_tag(root, None)
+def _from_checkpoint(root: str, mesh: Mesh, tag: str | None) -> Loaded:
+    tag = checkpoint.resolve_tag(root, tag)
     meta = checkpoint.read_meta(root, tag)
     if not meta.get("model"):
         raise CheckpointError(f"checkpoint {os.path.join(root, tag)} has no model section (it was not "
@@ -149,18 +150,24 @@ def _from_engine(engine, tensor_parallel: int) -> Loaded:
     check_protocol(module)
     _, rules, shardings = _layout(module, mesh)
     params = reshard(engine.state.params, shardings)
+    rest = jax.device_put(engine.state.model_state, NamedSharding(mesh, P()))
     vocab = module.kv_geometry().vocab_size
-    return _finish(engine.graphdef, params, engine.state.model_state, module, _default_tokenizer(None, vocab),
+    return _finish(engine.graphdef, params, rest, module, _default_tokenizer(None, vocab),
                    mesh, rules, shardings)
 
 
 def reshard(params: Any, shardings: Any) -> Any:
-    """Params moved to `shardings` by a compiled identity: device to device, never via numpy
-    (a host array is put straight into its shards)."""
-    on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
-    if not on_device:
+    """Params moved to `shardings` device to device, never via numpy (a host array is put
+    straight into its shards). On the same devices a compiled identity does it in one
+    program; onto other devices (a training mesh bigger than the serving one) `device_put`
+    copies shard to shard."""
+    leaves = jax.tree.leaves(params)
+    if not all(isinstance(x, jax.Array) for x in leaves):
         return jax.device_put(jax.tree.map(np.asarray, params), shardings)
-    return jax.jit(lambda p: p, out_shardings=shardings)(params)
+    targets = {d for s in jax.tree.leaves(shardings) for d in s.device_set}
+    if all(x.sharding.device_set == targets for x in leaves):
+        return jax.jit(lambda p: p, out_shardings=shardings)(params)
+    return jax.device_put(params, shardings)
 
 
 def _concrete_rest(rest) -> dict:
