@@ -1,11 +1,12 @@
 """The compiled ragged step: one forward over a step's tokens, K/V to pages, sampling.
 
-Shapes are static per bucket: `tokens` flat tokens (a few sizes up to the token budget),
-decode rows `min(max_seqs, tokens)`, prefill blocks enough for `max_prefill_chunks`
-chunks, sampled rows = decode rows + `max_prefill_chunks`. Every bucket is compiled
-ahead of time by `warmup()`; a step runs the smallest bucket its plan fits, so no request
-mix compiles anything after start-up. The pages and the per-slot penalty state are
-donated to each step and updated in place.
+Shapes are static per bucket: `tokens` flat tokens (1, 4, 16, ... up to the token
+budget: a lone decoding sequence runs a 1-token step), decode rows `min(max_seqs,
+tokens)`, prefill blocks and sampled rows as many as that many tokens can need. Every
+bucket is compiled ahead of time by `warmup()`; a step runs the smallest bucket its plan
+fits, so no request mix compiles anything after start-up. The pages and the per-slot
+penalty state are donated to each step and updated in place. A step's small inputs travel
+as one packed int32 vector and its results come back as one (`packing`).
 
 Flat token layout of a step: the decode tokens first (row i = decode sequence i), then the
 prefill chunks back to back; padding tokens write to the trash page and attend to nothing.
@@ -23,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax import compute, host_memory
-from zerojax.inference import paged_attention as pa
+from zerojax.inference import packing, paged_attention as pa
 from zerojax.inference import sampling
 from zerojax.inference.scheduler import StepPlan
 
@@ -38,8 +39,8 @@ class Bucket:
     sample_rows: int
 
 
-def token_buckets(budget: int, smallest: int = 16) -> list[int]:
-    """16, 64, 256, ... below the budget, then the budget itself."""
+def token_buckets(budget: int, smallest: int = 1) -> list[int]:
+    """1, 4, 16, 64, ... below the budget, then the budget itself."""
     sizes, size = [], smallest
     while size < budget:
         sizes.append(size)
@@ -71,20 +72,44 @@ class Runner:
         self.counts, self.seen = state()
         self.tables = np.zeros((max_seqs, self.pages_per_seq), np.int32)
         self.buckets = [self._bucket(t) for t in token_buckets(token_budget)]
-        self._step = jax.jit(self._forward, donate_argnums=(2, 3, 4),
+        self._step = jax.jit(self._forward, donate_argnums=(2, 3, 4), static_argnums=(6,),
                              out_shardings=(self.cache_sharding, self.replicated, self.replicated, self.replicated))
         self.executables: dict[int, Any] = {}
+        self.layouts = {b.tokens: self._layout(b) for b in self.buckets}
         self.context_tokens = self.pages_per_seq * page_size
         self._prime = jax.jit(_prime_slot, donate_argnums=(0, 1), out_shardings=(self.replicated, self.replicated))
         self._prime_executable = None
 
     def _bucket(self, tokens: int) -> Bucket:
-        blocks = math.ceil(tokens / self.query_block) + self.max_chunks
+        chunks = min(self.max_chunks, tokens)
+        blocks = min(tokens, math.ceil(tokens / self.query_block) + chunks - 1)
         decode = min(self.max_seqs, tokens)
-        return Bucket(tokens, decode, blocks, decode + self.max_chunks)
+        return Bucket(tokens, decode, blocks, min(tokens, decode + chunks))
+
+    def _layout(self, bucket: Bucket) -> tuple[packing.Layout, dict]:
+        """The packed inputs of a bucket's step, and the shapes of its packed results."""
+        T, D, NP, Q, R = bucket.tokens, bucket.decode_rows, bucket.prefill_blocks, self.query_block, bucket.sample_rows
+        i32 = np.int32
+        fields = {"ids": ((T,), i32), "positions": ((T,), i32), "slot": ((T,), i32), "kind": ((T,), i32),
+                  "row_token": ((R,), i32), "reset": ((self.max_seqs,), bool),
+                  "write_page": ((T,), i32), "write_offset": ((T,), i32),
+                  "block_tables": (self.tables.shape, i32), "kv_lens": ((self.max_seqs,), i32),
+                  "decode_token": ((D,), i32), "decode_slot": ((D,), i32), "decode_pos": ((D,), i32),
+                  "prefill_token": ((NP, Q), i32), "prefill_slot": ((NP,), i32), "prefill_pos": ((NP, Q), i32)}
+        fields.update({f"row.{name}": spec for name, spec in sampling.row_fields(R).items()})
+        N, V = self.num_logprobs, self.geometry.vocab_size
+        results = {"token": ((R,), np.int32), "logprob": ((R,), np.float32), "top_ids": ((R, N), np.int32),
+                   "top_logprobs": ((R, N), np.float32)}
+        if self.keep_logits:
+            results["logits"] = ((R, V), np.float32)
+        return packing.Layout(fields), results
 
     # ---- the traced step
-    def _forward(self, params, rest, pages, counts, seen, batch, meta, rows):
+    def _forward(self, params, rest, pages, counts, seen, packed, tokens):
+        fields = self.layouts[tokens][0].unpack(packed)
+        batch = {k: fields[k] for k in ("ids", "positions", "slot", "kind", "row_token", "reset")}
+        meta = pa.StepMeta(**{f.name: fields[f.name] for f in dataclasses.fields(pa.StepMeta)})
+        rows = sampling.Rows(**{k[4:]: v for k, v in fields.items() if k.startswith("row.")})
         model = nnx.merge(self.graphdef, params, rest)
         ids_1T, positions_1T = batch["ids"][None], batch["positions"][None]
         with compute.use(self.policy):
@@ -99,7 +124,7 @@ class Runner:
         counts = counts.at[rows.slot, out["token"]].add(rows.valid.astype(jnp.int32))
         if self.keep_logits:
             out["logits"] = logits_RV
-        return kv.pages, counts, seen, out
+        return kv.pages, counts, seen, packing.pack_outputs({k: out[k] for k in self.layouts[tokens][1]})
 
     # ---- host side
     def warmup(self) -> None:
@@ -129,16 +154,12 @@ class Runner:
 
     def _executable(self, bucket: Bucket):
         if bucket.tokens not in self.executables:
-            batch, meta, rows = self._abstract(bucket)
+            layout = self.layouts[bucket.tokens][0]
+            packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32, sharding=self.replicated)
             self.executables[bucket.tokens] = self._step.lower(
-                self.params, self.rest, self.pages, self.counts, self.seen, batch, meta, rows).compile()
+                self.params, self.rest, self.pages, self.counts, self.seen, packed, bucket.tokens).compile()
             host_memory.release_freed()
         return self.executables[bucket.tokens]
-
-    def _abstract(self, bucket: Bucket):
-        batch, meta, rows = self._host_arrays(bucket)
-        to_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated)
-        return jax.tree.map(to_struct, (batch, meta, sampling.Rows(**rows)))
 
     def bucket_for(self, plan: StepPlan) -> Bucket:
         for bucket in self.buckets:
@@ -149,23 +170,24 @@ class Runner:
         raise RuntimeError(f"a step of {plan.tokens} tokens fits no bucket (the scheduler keeps to the budget)")
 
     def _host_arrays(self, bucket: Bucket):
-        T, D, NP, Q, R = bucket.tokens, bucket.decode_rows, bucket.prefill_blocks, self.query_block, bucket.sample_rows
-        i32 = np.int32
-        batch = {"ids": np.zeros(T, i32), "positions": np.zeros(T, i32), "slot": np.zeros(T, i32),
-                 "kind": np.zeros(T, i32), "row_token": np.zeros(R, i32), "reset": np.zeros(self.max_seqs, bool)}
-        meta = pa.StepMeta(
-            write_page=np.full(T, pa.TRASH_PAGE, i32), write_offset=np.zeros(T, i32),
-            block_tables=self.tables, kv_lens=np.zeros(self.max_seqs, i32),
-            decode_token=np.full(D, T, i32), decode_slot=np.zeros(D, i32), decode_pos=np.full(D, -1, i32),
-            prefill_token=np.full((NP, Q), T, i32), prefill_slot=np.zeros(NP, i32),
-            prefill_pos=np.full((NP, Q), -1, i32))
-        rows = sampling.host_rows(R)
-        return batch, meta, rows
+        """The packed buffer of a step and views of its fields, set to padding."""
+        buffer, views = self.layouts[bucket.tokens][0].host()
+        T = bucket.tokens
+        views["write_page"][:] = pa.TRASH_PAGE
+        for name in ("decode_token", "prefill_token"):
+            views[name][:] = T                                  # flat index T: padding
+        for name in ("decode_pos", "prefill_pos"):
+            views[name][:] = -1
+        for name, value in sampling.ROW_PADDING.items():
+            views[f"row.{name}"][:] = value
+        rows = {k[4:]: v for k, v in views.items() if k.startswith("row.")}
+        return buffer, views, rows
 
     def run(self, plan: StepPlan) -> tuple[dict[str, np.ndarray], list]:
         """Run one planned step; returns the sampled outputs and, per row, its sequence."""
         bucket = self.bucket_for(plan)
-        batch, meta, rows = self._host_arrays(bucket)
+        buffer, fields, rows = self._host_arrays(bucket)
+        batch = meta = fields                   # one namespace: the step's packed fields
         row_seqs: list = [None] * bucket.sample_rows
         flat = 0
 
@@ -181,11 +203,11 @@ class Runner:
             batch["kind"][span] = PAD_KIND if decode else np.where(positions < seq.prompt_len, PROMPT_KIND,
                                                                    OUTPUT_KIND)
             pages = np.asarray(seq.pages, np.int32)
-            meta.write_page[span] = pages[positions // self.page_size]
-            meta.write_offset[span] = positions % self.page_size
+            meta["write_page"][span] = pages[positions // self.page_size]
+            meta["write_offset"][span] = positions % self.page_size
             self.tables[seq.slot, :len(seq.pages)] = seq.pages
             self.tables[seq.slot, len(seq.pages):] = pa.TRASH_PAGE
-            meta.kv_lens[seq.slot] = start + length
+            meta["kv_lens"][seq.slot] = start + length
             if seq.reset_slot and start > 0:
                 self.prime_slot(seq, start)                # resets the slot itself
             else:
@@ -195,24 +217,23 @@ class Runner:
 
         for i, seq in enumerate(plan.decode):
             span, positions = feed(seq, seq.num_computed, 1, decode=True)
-            meta.decode_token[i], meta.decode_slot[i], meta.decode_pos[i] = span.start, seq.slot, positions[0]
+            meta["decode_token"][i], meta["decode_slot"][i], meta["decode_pos"][i] = span.start, seq.slot, positions[0]
             self._row(batch, rows, row_seqs, i, seq, span.start)
         block = 0
         for c, chunk in enumerate(plan.prefill):
             span, positions = feed(chunk.seq, chunk.start, chunk.length)
             for offset in range(0, chunk.length, self.query_block):
                 n = min(self.query_block, chunk.length - offset)
-                meta.prefill_token[block, :n] = np.arange(span.start + offset, span.start + offset + n)
-                meta.prefill_pos[block, :n] = positions[offset:offset + n]
-                meta.prefill_slot[block] = chunk.seq.slot
+                meta["prefill_token"][block, :n] = np.arange(span.start + offset, span.start + offset + n)
+                meta["prefill_pos"][block, :n] = positions[offset:offset + n]
+                meta["prefill_slot"][block] = chunk.seq.slot
                 block += 1
             if chunk.sample:
-                self._row(batch, rows, row_seqs, bucket.decode_rows + c, chunk.seq, span.stop - 1)
-        put = lambda x: jax.device_put(x, self.replicated)
-        args = (jax.tree.map(put, batch), jax.tree.map(put, meta), sampling.Rows(**jax.tree.map(put, rows)))
+                self._row(batch, rows, row_seqs, len(plan.decode) + c, chunk.seq, span.stop - 1)
+        fields["block_tables"][:] = self.tables
         self.pages, self.counts, self.seen, out = self._executable(bucket)(
-            self.params, self.rest, self.pages, self.counts, self.seen, *args)
-        return jax.tree.map(np.asarray, out), row_seqs
+            self.params, self.rest, self.pages, self.counts, self.seen, jax.device_put(buffer, self.replicated))
+        return packing.unpack_outputs(np.asarray(out), self.layouts[bucket.tokens][1]), row_seqs
 
     @staticmethod
     def _row(batch, rows, row_seqs, r, seq, token_index):

@@ -131,15 +131,18 @@ class Rows:
     stop_ids: jax.Array          # [R, MAX_STOP_IDS] int32, -1 padded: masked while hold_back
 
 
-def host_rows(count: int) -> dict[str, np.ndarray]:
-    """Zeroed host arrays for `count` rows, filled by the runner then shipped as `Rows`."""
-    f32, i32 = np.float32, np.int32
-    return {"valid": np.zeros(count, bool), "slot": np.zeros(count, i32), "greedy": np.ones(count, bool),
-            "temperature": np.ones(count, f32), "top_k": np.zeros(count, i32), "top_p": np.ones(count, f32),
-            "repetition_penalty": np.ones(count, f32), "presence_penalty": np.zeros(count, f32),
-            "frequency_penalty": np.zeros(count, f32), "seed": np.zeros(count, np.uint32),
-            "index": np.zeros(count, i32), "hold_back": np.zeros(count, bool),
-            "stop_ids": np.full((count, MAX_STOP_IDS), -1, i32)}
+def row_fields(count: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shapes and dtypes of `Rows` for `count` rows (the runner packs them per step)."""
+    shapes = {"stop_ids": (count, MAX_STOP_IDS)}
+    dtypes = {"valid": bool, "slot": np.int32, "greedy": bool, "temperature": np.float32, "top_k": np.int32,
+              "top_p": np.float32, "repetition_penalty": np.float32, "presence_penalty": np.float32,
+              "frequency_penalty": np.float32, "seed": np.uint32, "index": np.int32, "hold_back": bool,
+              "stop_ids": np.int32}
+    return {name: (shapes.get(name, (count,)), dtypes[name]) for name in dtypes}
+
+
+# Padding rows: greedy with neutral knobs, no stop ids.
+ROW_PADDING = {"greedy": 1, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "stop_ids": -1}
 
 
 def fill_row(rows: dict[str, np.ndarray], r: int, *, slot: int, params: SamplingParams, seed: int,
