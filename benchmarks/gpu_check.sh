@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: install the working tree (no network), show the devices, run the kernel
 # tests, then benchmarks/kernels_gpu.py (compiled correctness, timings against XLA's own
-# ops, MFU of a ~1B Llama step). Everything goes to stdout and, when $OUT is set, to
-# $OUT/gpu_log.txt. At most ~8 minutes in all (each stage under `timeout`).
+# ops, MFU of a ~1B Llama step) and benchmarks/inference.py --gpu (serving against HF
+# generate). Everything goes to stdout and, when $OUT is set, to $OUT/gpu_log.txt. At
+# most ~10 minutes in all (each stage under `timeout`).
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -44,6 +45,10 @@ stage "kernel tests" 100 env ZEROJAX_KERNEL_TESTS_COMPILED=1 python3 -m pytest \
     tests/test_flash_attention.py tests/test_kernel_norms.py tests/test_fused_cross_entropy.py -q -x
 
 stage "kernels_gpu.py" 300 python3 benchmarks/kernels_gpu.py --budget 250
+
+# Serving: the paged-attention step on the GPU (the Pallas kernel through the selector)
+# against HF generate on cuda, one quick pass: batch 1 decode and 16 mixed requests.
+stage "inference.py" 150 python3 benchmarks/inference.py --gpu --quick --only batch1,mixed
 
 echo
 echo "=== summary ==="

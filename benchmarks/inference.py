@@ -3,6 +3,7 @@
     python3 benchmarks/inference.py               # every row (~10 minutes on 2 cores)
     python3 benchmarks/inference.py --quick       # fewer repeats and requests, for a smoke run
     python3 benchmarks/inference.py --only batch1,mixed
+    python3 benchmarks/inference.py --gpu --quick --only batch1,mixed   # on a GPU (gpu_check.sh)
 
 Models (random weights, built in `transformers` and saved as a HF directory, which
 zerojax loads, so both sides run the very same fp32 weights):
@@ -35,7 +36,9 @@ import sys
 from _devices import set_device_count  # noqa: E402  (benchmarks/ is on sys.path)
 import _machine  # noqa: E402
 
-set_device_count(1)
+ON_GPU = "--gpu" in sys.argv
+if not ON_GPU:
+    set_device_count(1)
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -53,6 +56,7 @@ from zerojax import inference  # noqa: E402
 from zerojax.inference.sampling import SamplingParams  # noqa: E402
 
 THREADS = 2
+HF_DEVICE = "cuda"
 MODELS = {
     "anchor": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                    intermediate_size=1536),
@@ -97,6 +101,8 @@ class Stamps(BaseStreamer):
         self.times, self.prompt_seen = [], False
 
     def put(self, value):
+        if value.is_cuda:
+            torch.cuda.synchronize()
         if self.prompt_seen:
             self.times.append(time.perf_counter())
         self.prompt_seen = True
@@ -129,6 +135,7 @@ def run_hf(model, requests, batch_size: int) -> dict:
             mask[row, width - len(prompt):] = 1
         streamer = Stamps()
         with torch.no_grad():
+            ids, mask = ids.to(model.device), mask.to(model.device)
             model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
                            streamer=streamer)
         for row, i in enumerate(members):
@@ -163,7 +170,7 @@ def repeat(fn, times: int) -> dict:
     return best_of([fn() for _ in range(times)])
 
 
-def memory_bandwidth(gib: float = 0.5, repeats: int = 7) -> float:
+def memory_bandwidth(gib: float, repeats: int = 7) -> float:
     """Bytes/s of a jitted read-only sum over `gib` GiB of fp32 (median of `repeats`)."""
     n = int(gib * 2 ** 30 // 4)
     x = jnp.ones((n,), jnp.float32)
@@ -212,19 +219,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, 16 mixed requests")
     parser.add_argument("--only", default="batch1,batched,mixed,bf16,tiny,pages")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="run on the default GPU backend; HF on cuda too")
     args = parser.parse_args()
     only = set(args.only.split(","))
     repeats = 1 if args.quick else args.repeats
     mixed_count = 16 if args.quick else 64
     torch.set_num_threads(THREADS)
-    header = [_machine.describe(),
+    if args.gpu and jax.default_backend() != "gpu":
+        print(f"--gpu: jax's backend is {jax.default_backend()!r}, not gpu; nothing to measure")
+        return 0
+    machine = f"device: {jax.devices()[0].device_kind}" if args.gpu else _machine.describe()
+    header = [machine,
               f"jax {jax.__version__}, torch {torch.__version__} ({THREADS} threads), transformers "
               f"{transformers.__version__}; greedy, fp32 unless noted; median of {repeats} runs"]
     print(header[0], flush=True)
 
-    bandwidth = memory_bandwidth()
+    bandwidth = memory_bandwidth(2.0 if args.gpu else 0.5)
     with tempfile.TemporaryDirectory() as tmp:
-        anchor = hf_model("anchor", f"{tmp}/anchor")
+        anchor = hf_model("anchor", f"{tmp}/anchor").to(HF_DEVICE if args.gpu else "cpu")
         weight_bytes = param_bytes(anchor)
         roofline_ms = weight_bytes / bandwidth * 1e3
         header.append(f"anchor: {weight_bytes / 4 / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB fp32; measured "
@@ -286,7 +298,7 @@ def main() -> None:
         del pipe
 
         if "tiny" in only:
-            tiny = hf_model("tiny", f"{tmp}/tiny")
+            tiny = hf_model("tiny", f"{tmp}/tiny").to(HF_DEVICE if args.gpu else "cpu")
             header.append(f"tiny: {param_bytes(tiny) / 4 / 1e6:.2f}M params")
             one = fixed_requests(1)
             hft = repeat(lambda: run_hf(tiny, one, 1), repeats)

@@ -92,6 +92,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    if args.tensor_parallel > 1:
+        _cpu_devices_default()
+    from zerojax.serve.server import serve
+    return serve(args)
+
+
 def _info(args: argparse.Namespace) -> int:
     from zerojax import distributed
     _cpu_devices_default()
@@ -141,6 +148,11 @@ def _add_train_commands(commands) -> None:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=_generate)
+
+    from zerojax.serve.server import add_arguments
+    add_arguments(commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server on the inference engine (completions, chat, streaming)"))
+    commands.choices["serve"].set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="devices, processes, and the mesh and memory plan of a config")
     info.add_argument("config", nargs="?")
