@@ -8,8 +8,10 @@ the port opens only after warm-up. One access-log line per request, nothing per 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
+import signal
 import sys
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
@@ -80,6 +82,26 @@ def serve(args: argparse.Namespace) -> int:
     print(f"zerojax serve: {name} on http://{args.host}:{args.port} (context {engine.max_context}, "
           f"{engine.num_pages} KV pages of {engine.page_size} tokens, token budget {engine.token_budget}, "
           f"max {engine.max_seqs} sequences)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True,
-                timeout_graceful_shutdown=args.drain_timeout)
+    server = _DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=True,
+                                            timeout_graceful_shutdown=args.drain_timeout))
+    server.run()
     return 0
+
+
+class _DrainingServer:
+    """uvicorn's Server, except that a SIGTERM/SIGINT that drained cleanly exits 0: uvicorn
+    re-raises the captured signal after shutdown, which would end the process by it."""
+
+    def __new__(cls, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+        return Server(config)
