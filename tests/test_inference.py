@@ -29,7 +29,11 @@ def model():
 
 @pytest.fixture(scope="module")
 def full_logits(model):
-    """Logits at the last position by recomputing the whole window (one compile: padded)."""
+    return full_recompute(model)
+
+
+def full_recompute(model):
+    """ids -> logits at the last position, recomputing the whole window (one compile: padded)."""
     graphdef, state = nnx.split(model)
 
     @jax.jit

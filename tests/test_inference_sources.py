@@ -2,16 +2,14 @@
 a checkpoint of a ZeRO-3 run, a live training Engine; and the Pallas kernels in the step."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 import zerojax
 from zerojax import inference
 from tests.helpers import token_batches
-from tests.test_inference import PROMPTS, SERVE_LLAMA, reference_greedy
+from tests.test_inference import PROMPTS, SERVE_LLAMA, full_recompute, reference_greedy
 
 torch.set_num_threads(2)
 NEW = 10
@@ -69,17 +67,7 @@ def trained_engine():
 
 
 def _greedy_of(module, prompts):
-    graphdef, state = nnx.split(module)
-    import jax
-
-    @jax.jit
-    def last(state, ids, length):
-        return nnx.merge(graphdef, state).logits(ids[None])[0, length - 1]
-
-    def logits(ids):
-        padded = np.zeros(SERVE_LLAMA.max_position_embeddings, np.int32)
-        padded[:len(ids)] = ids
-        return np.asarray(last(state, padded, len(ids)))
+    logits = full_recompute(module)
     return [reference_greedy(logits, p, NEW) for p in prompts]
 
 

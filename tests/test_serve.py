@@ -13,7 +13,6 @@ import sys
 import time
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
