@@ -187,7 +187,6 @@ class Runner:
         """Run one planned step; returns the sampled outputs and, per row, its sequence."""
         bucket = self.bucket_for(plan)
         buffer, fields, rows = self._host_arrays(bucket)
-        batch = meta = fields                   # one namespace: the step's packed fields
         row_seqs: list = [None] * bucket.sample_rows
         flat = 0
 
@@ -195,41 +194,41 @@ class Runner:
             nonlocal flat
             span = slice(flat, flat + length)
             positions = np.arange(start, start + length)
-            batch["ids"][span] = seq.tokens[start:start + length]
-            batch["positions"][span] = positions
-            batch["slot"][span] = seq.slot
+            fields["ids"][span] = seq.tokens[start:start + length]
+            fields["positions"][span] = positions
+            fields["slot"][span] = seq.slot
             # A decode token was counted when it was drawn; a recomputed one is counted again
             # (the slot's state was reset when the sequence was re-admitted).
-            batch["kind"][span] = PAD_KIND if decode else np.where(positions < seq.prompt_len, PROMPT_KIND,
+            fields["kind"][span] = PAD_KIND if decode else np.where(positions < seq.prompt_len, PROMPT_KIND,
                                                                    OUTPUT_KIND)
             pages = np.asarray(seq.pages, np.int32)
-            meta["write_page"][span] = pages[positions // self.page_size]
-            meta["write_offset"][span] = positions % self.page_size
+            fields["write_page"][span] = pages[positions // self.page_size]
+            fields["write_offset"][span] = positions % self.page_size
             self.tables[seq.slot, :len(seq.pages)] = seq.pages
             self.tables[seq.slot, len(seq.pages):] = pa.TRASH_PAGE
-            meta["kv_lens"][seq.slot] = start + length
+            fields["kv_lens"][seq.slot] = start + length
             if seq.reset_slot and start > 0:
                 self.prime_slot(seq, start)                # resets the slot itself
             else:
-                batch["reset"][seq.slot] |= seq.reset_slot
+                fields["reset"][seq.slot] |= seq.reset_slot
             flat += length
             return span, positions
 
         for i, seq in enumerate(plan.decode):
             span, positions = feed(seq, seq.num_computed, 1, decode=True)
-            meta["decode_token"][i], meta["decode_slot"][i], meta["decode_pos"][i] = span.start, seq.slot, positions[0]
-            self._row(batch, rows, row_seqs, i, seq, span.start)
+            fields["decode_token"][i], fields["decode_slot"][i], fields["decode_pos"][i] = span.start, seq.slot, positions[0]
+            self._row(fields, rows, row_seqs, i, seq, span.start)
         block = 0
         for c, chunk in enumerate(plan.prefill):
             span, positions = feed(chunk.seq, chunk.start, chunk.length)
             for offset in range(0, chunk.length, self.query_block):
                 n = min(self.query_block, chunk.length - offset)
-                meta["prefill_token"][block, :n] = np.arange(span.start + offset, span.start + offset + n)
-                meta["prefill_pos"][block, :n] = positions[offset:offset + n]
-                meta["prefill_slot"][block] = chunk.seq.slot
+                fields["prefill_token"][block, :n] = np.arange(span.start + offset, span.start + offset + n)
+                fields["prefill_pos"][block, :n] = positions[offset:offset + n]
+                fields["prefill_slot"][block] = chunk.seq.slot
                 block += 1
             if chunk.sample:
-                self._row(batch, rows, row_seqs, len(plan.decode) + c, chunk.seq, span.stop - 1)
+                self._row(fields, rows, row_seqs, len(plan.decode) + c, chunk.seq, span.stop - 1)
         fields["block_tables"][:] = self.tables
         self.pages, self.counts, self.seen, out = self._executable(bucket)(
             self.params, self.rest, self.pages, self.counts, self.seen, jax.device_put(buffer, self.replicated))
