@@ -5,8 +5,8 @@
     python3 benchmarks/inference.py --only batch1,mixed
     python3 benchmarks/inference.py --gpu --quick --only batch1,mixed   # on a GPU (gpu_check.sh)
 
-Models (random weights, built in `transformers` and saved as a HF directory, which
-zerojax loads, so both sides run the very same fp32 weights):
+Models (`_hf_llama`: random weights, built in `transformers` and saved as a HF directory,
+which zerojax loads, so both sides run the very same fp32 weights):
   anchor  Llama d 512, 8 layers, 8 heads / 4 KV, intermediate 1536, vocab 256 (25.4M params)
   tiny    Llama d 128, 5 layers, 4 heads / 2 KV, intermediate 384, vocab 256 (~1M params)
 
@@ -54,43 +54,10 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from zerojax import inference  # noqa: E402
 from zerojax.inference.sampling import SamplingParams  # noqa: E402
+from _hf_llama import fixed_requests, hf_model, mixed_requests, param_bytes  # noqa: E402
 
 THREADS = 2
 HF_DEVICE = "cuda"
-MODELS = {
-    "anchor": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                   intermediate_size=1536),
-    "tiny": dict(hidden_size=128, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=384),
-}
-VOCAB, MAX_POSITIONS = 256, 1024
-
-
-# ---------------------------------------------------------------- models and requests
-def hf_model(name: str, directory: str):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS,
-                                      bos_token_id=None, eos_token_id=None, pad_token_id=0,
-                                      tie_word_embeddings=False, **MODELS[name])
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(directory)
-    return model
-
-
-def param_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def fixed_requests(count: int, prompt: int = 32, new: int = 128, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(1, VOCAB, prompt).tolist(), new) for _ in range(count)]
-
-
-def mixed_requests(count: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(1, VOCAB, int(rng.integers(16, 257))).tolist(), int(rng.integers(16, 257)))
-            for _ in range(count)]
 
 
 # ---------------------------------------------------------------- timing

@@ -1,7 +1,7 @@
 """The compiled ragged step: one forward over a step's tokens, K/V to pages, sampling.
 
-Shapes are static per bucket: `tokens` flat tokens (1, 4, 16, ... up to the token
-budget: a lone decoding sequence runs a 1-token step), decode rows `min(max_seqs,
+Shapes are static per bucket: `tokens` flat tokens (1, 4, 16, 32, ... up to the
+token budget: a lone decoding sequence runs a 1-token step), decode rows `min(max_seqs,
 tokens)`, prefill blocks and sampled rows as many as that many tokens can need. Every
 bucket is compiled ahead of time by `warmup()`; a step runs the smallest bucket its plan
 fits, so no request mix compiles anything after start-up. The pages and the per-slot
@@ -40,11 +40,16 @@ class Bucket:
 
 
 def token_buckets(budget: int, smallest: int = 1) -> list[int]:
-    """1, 4, 16, 64, ... below the budget, then the budget itself."""
+    """1, 4, 16, 32, 64, 256, 1024, ... below the budget, then the budget itself.
+
+    Doubling from 16 to 64: there a step's cost grows with its rows (attention and, past
+    ~16 rows, the matmuls), and 32 running sequences padded to 64 rows cost 34 ms a step
+    on the 25M anchor model against 22 ms in a 32-token bucket. Below 16, streaming the
+    weights dominates and fewer buckets compile faster."""
     sizes, size = [], smallest
     while size < budget:
         sizes.append(size)
-        size *= 4
+        size *= 2 if 16 <= size < 64 else 4
     return sizes + [budget]
 
 
