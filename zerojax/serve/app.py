@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from zerojax.inference.engine import InferenceEngine, RequestOutput, child_seed
 from zerojax.serve import protocol
-from zerojax.serve.loop import EngineLoop, Failed, QueueFull
+from zerojax.serve.loop import EngineDown, EngineLoop, Failed, QueueFull
 from zerojax.serve.protocol import APIError
 
 MAX_BODY_BYTES = 4 << 20           # well above any prompt that fits a context: a long prompt gets the 400
@@ -133,6 +133,8 @@ def create_app(engine: InferenceEngine, config: ServerConfig) -> FastAPI:
             outputs = loop.submit(sequences)
         except QueueFull as e:
             raise APIError(429, f"the server is at capacity: {e}; retry later", code="queue_full") from None
+        except EngineDown as e:
+            raise APIError(503, str(e), code="engine_down") from None
         reply = Reply(engine, parsed, base, config.served_model_name, choice_of)
         if parsed.stream:
             return StreamingResponse(stream(outputs, reply, set(choice_of)), media_type="text/event-stream",
@@ -142,16 +144,20 @@ def create_app(engine: InferenceEngine, config: ServerConfig) -> FastAPI:
 
     async def collect(request: Request, outputs: asyncio.Queue, open_ids: set[str]) -> dict[str, RequestOutput]:
         finals: dict[str, RequestOutput] = {}
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while open_ids:
+                # Look for a gone client on a clock, not only when idle: tokens keep arriving.
+                if time.monotonic() >= next_check:
+                    if await request.is_disconnected():
+                        return finals
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                 try:
                     item = await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return finals
                     continue
                 if isinstance(item, Failed):
-                    raise APIError(400, str(item.error))
+                    raise APIError(item.status, str(item.error))
                 if item.finished:
                     open_ids.discard(item.request_id)
                     finals[item.request_id] = item
@@ -167,7 +173,7 @@ def create_app(engine: InferenceEngine, config: ServerConfig) -> FastAPI:
             while open_ids:
                 item = await outputs.get()
                 if isinstance(item, Failed):
-                    yield sse(APIError(400, str(item.error)).body())
+                    yield sse(APIError(item.status, str(item.error)).body())
                     open_ids.discard(item.request_id)
                     continue
                 for chunk in reply.delta(item):

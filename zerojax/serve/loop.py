@@ -25,11 +25,16 @@ class QueueFull(Exception):
     pass
 
 
-class Failed:
-    """Put on a request's queue when the engine refused it (e.g. a ValueError)."""
+class EngineDown(RuntimeError):
+    """The engine thread has died (a bug or a device fault): nothing more can be served."""
 
-    def __init__(self, request_id: str, error: Exception):
-        self.request_id, self.error = request_id, error
+
+class Failed:
+    """Put on a request's queue when it cannot be served: the engine refused it (a
+    ValueError: the client's fault, `status` 400) or the engine thread died (503)."""
+
+    def __init__(self, request_id: str, error: Exception, status: int = 400):
+        self.request_id, self.error, self.status = request_id, error, status
 
 
 class EngineLoop:
@@ -54,17 +59,19 @@ class EngineLoop:
     def submit(self, requests: list[tuple[str, list[int], SamplingParams]]) -> asyncio.Queue:
         """Accept all of `requests` (request_id, prompt ids, params) or none: one HTTP request's
         sequences. Their outputs, each tagged with its request_id, arrive on the returned queue."""
-        with self._lock:
+        out: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        with self._lock:                # the engine thread's death takes this lock too: no add is lost
+            if self.error is not None:
+                raise EngineDown(f"the engine loop stopped: {self.error!r}")
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if self._accepted + len(requests) > self.max_queue:
                 raise QueueFull(f"{self._accepted} requests are already waiting or running; {len(requests)} more "
                                 f"exceed max_queue {self.max_queue}")
             self._accepted += len(requests)
-        out: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        for request_id, prompt, params in requests:
-            self._commands.put(("add", request_id, prompt, params, loop, out))
+            for request_id, prompt, params in requests:
+                self._commands.put(("add", request_id, prompt, params, loop, out))
         self._wake.set()
         return out
 
@@ -102,9 +109,19 @@ class EngineLoop:
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as e:          # a bug: fail every open request rather than hang them
-            self.error = e
+            with self._lock:
+                self.error = e
+            down = EngineDown(f"the engine loop stopped: {e!r}")
+            while True:                     # adds not taken yet: routed only to be failed
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command[0] == "add":
+                    _, request_id, _, _, loop, out = command
+                    self._routes[request_id] = (loop, out, time.perf_counter())
             for request_id in list(self._routes):
-                self._deliver(request_id, Failed(request_id, RuntimeError(f"the engine loop stopped: {e!r}")))
+                self._deliver(request_id, Failed(request_id, down, status=503))
                 self._forget(request_id)
             raise
 

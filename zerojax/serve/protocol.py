@@ -266,17 +266,22 @@ def plain_chat(messages: list[dict]) -> str:
 
 
 def chat_renderer(directory: str | None):
-    """The HF chat template of `directory` (tokenizer_config.json's `chat_template`, rendered
-    with jinja2 as transformers does, generation prompt added), else `plain_chat`."""
+    """The HF chat template of `directory`, rendered with jinja2 as transformers does
+    (generation prompt added), else `plain_chat`. The template is where transformers saves
+    it: `chat_template.jinja` (since 4.43), else `chat_template` in tokenizer_config.json."""
     import os
-    path = os.path.join(directory, "tokenizer_config.json") if directory else None
-    if not path or not os.path.exists(path):
-        return plain_chat
-    with open(path) as f:
-        config = json.load(f)
+    config_path = os.path.join(directory, "tokenizer_config.json") if directory else None
+    config = {}
+    if config_path and os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
     template = config.get("chat_template")
     if isinstance(template, list):      # named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja_path = os.path.join(directory, "chat_template.jinja") if directory else None
+    if jinja_path and os.path.exists(jinja_path):
+        with open(jinja_path) as f:
+            template = f.read()
     if not isinstance(template, str):
         return plain_chat
     import jinja2
