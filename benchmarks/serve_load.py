@@ -228,6 +228,8 @@ def main() -> int:
     parser.add_argument("--slo-tpot", type=float, default=SLO["tpot"], help="seconds per token (default 0.1)")
     parser.add_argument("--only", default="zerojax,naive", help="servers to run")
     args = parser.parse_args()
+    # A SIGTERM runs the `finally`s below, so no server process outlives the benchmark.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     SLO.update(ttft=args.slo_ttft, tpot=args.slo_tpot)
     time_limit = args.time_limit or (30.0 if args.quick else 60.0)
     header = [_machine.describe(),

@@ -80,6 +80,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary.get("steps") else 1
 
 
+def _rlhf(args: argparse.Namespace) -> int:
+    from zerojax import distributed
+    _cpu_devices_default()
+    distributed.initialize()
+    from zerojax import rlhf
+    config = _load_config(args.config, args.set)
+    summary = getattr(rlhf, args.algorithm)(config, steps=args.steps, out=args.out)
+    return 0 if summary.get("steps") else 1
+
+
 def _generate(args: argparse.Namespace) -> int:
     from zerojax import inference
     pipe = inference.pipeline(args.checkpoint, tag=args.tag, token_budget=64, max_seqs=1)
@@ -137,6 +147,15 @@ def _add_train_commands(commands) -> None:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key by dotted path, e.g. zero_optimization.stage=2")
     train.set_defaults(run=_train)
+
+    rlhf = commands.add_parser("rlhf", help="RLHF steps on a config's model: sft (DeepSpeed-Chat step 1)")
+    rlhf.add_argument("algorithm", choices=["sft"], help="sft: fine-tune on prompt/response or messages JSONL")
+    rlhf.add_argument("config", help='DeepSpeed JSON config; data and settings in "zerojax": {"rlhf": {...}}')
+    rlhf.add_argument("--steps", type=int, help="train to this many steps (default: zerojax.train.steps)")
+    rlhf.add_argument("--out", help="output directory: checkpoints, metrics.jsonl, loss curve")
+    rlhf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key by dotted path, e.g. zerojax.rlhf.max_len=256")
+    rlhf.set_defaults(run=_rlhf)
 
     generate = commands.add_parser("generate", help="sample text from a trained checkpoint or HF directory (the inference engine)")
     generate.add_argument("checkpoint", help="a run's output directory (the one holding 'latest') or a HF directory")

@@ -137,6 +137,7 @@ class ZeroJaxConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rlhf: dict[str, Any] = dataclasses.field(default_factory=dict)
     compilation_cache: str | None = None
     seed: int = 0
 
@@ -530,6 +531,7 @@ _ZEROJAX = {
     "remat": (_choice("auto", "full", "minimal", "none"), "auto"),
     "weight_decay_mask": (_choice("all", "no_bias_norm"), "all"),
     "model": (_free_dict, {}), "data": (_free_dict, {}), "train": (_free_dict, {}),
+    "rlhf": (_free_dict, {}),       # checked per algorithm by zerojax.rlhf.settings
     "compilation_cache": (_optional(_str), None), "seed": (_int(0), 0)}
 
 

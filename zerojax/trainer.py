@@ -182,6 +182,8 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
     with stop.installed():
         while step < steps:
             batch = next(data_iter) if not hasattr(data_iter, "next") else data_iter.next()
+            if step == start and "input_ids" in batch:     # the real batch shape, not the corpus default
+                tokens_per_step = int(np.size(batch["input_ids"])) * jax.process_count()
             t0 = time.perf_counter()
             metrics = engine.train_step(batch)
             last_loss = float(metrics["loss"])          # syncs: the step time is real

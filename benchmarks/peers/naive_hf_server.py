@@ -71,6 +71,8 @@ def create_app(model) -> FastAPI:
             cancelled, queue = threading.Event(), asyncio.Queue()
             try:
                 async with one_at_a_time:
+                    if await request.is_disconnected():     # gave up while queued
+                        return
                     loop = asyncio.get_running_loop()
                     work = loop.run_in_executor(None, generate, ids, new, _TokenQueue(loop, queue, cancelled),
                                                 cancelled)
