@@ -192,3 +192,80 @@ def test_rlhf_cli_bad_data_exits_2_with_the_line(tmp_path):
     assert run.returncode == 2, run.stderr
     assert f"{bad}:2: not valid JSON" in run.stderr
     assert not os.path.exists(tmp_path / "o" / "latest")
+
+
+# ---------------------------------------------------------------- DPO
+DPO_CONFIG = os.path.join(ROOT, "configs", "rlhf", "dpo.json")
+DPO_MODEL = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def pair_batches():
+    from zerojax.rlhf.dpo import collate_pairs
+    pairs, _ = rdata.preference_pairs(os.path.join(ROOT, "configs", "rlhf", "pairs.jsonl"), ByteTokenizer(),
+                                      max_prompt_len=32, max_len=64)
+    batches = rdata.ExampleBatches(pairs, 8, collate_pairs(64), seed=0, process_index=0, process_count=1)
+    return [batches.next() for _ in range(3)]
+
+
+def _dpo_engine(devices, stage: int, mesh: dict | None = None):
+    from zerojax.rlhf.dpo import PolicyAndReference
+
+    def model_fn(rngs):
+        policy = Llama(DPO_MODEL, rngs=rngs)
+        return PolicyAndReference(policy, nnx.clone(policy), beta=0.2)
+
+    config = {"train_batch_size": 8, "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
+              "zerojax": {"mesh": mesh or {}}}
+    return zerojax.initialize(model_fn=model_fn, config=config, devices=devices)
+
+
+def test_dpo_step_is_the_formula_on_policy_and_reference_logps(pair_batches):
+    engine = _dpo_engine(jax.devices()[:1], 0)
+    batch = pair_batches[0]
+    model = engine.model()
+    ids = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+    mask = np.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    logps = np.asarray(losses.response_logps(model.policy.logits(ids), ids, mask))
+    ref = np.asarray(losses.response_logps(model.reference.logits(ids), ids, mask))
+    np.testing.assert_array_equal(logps, ref)                 # the reference starts as the policy
+    h = (logps[:8] - ref[:8]) - (logps[8:] - ref[8:])
+    metrics = engine.train_step(batch)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(np.log1p(np.exp(-0.2 * h))), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["logps/chosen"]), logps[:8].mean(), rtol=1e-5)
+
+
+def test_dpo_under_zero3_and_tensor_parallel_equals_one_device_and_the_reference_never_moves(pair_batches):
+    runs = {"one device": _dpo_engine(jax.devices()[:1], 0), "zero3 x8": _dpo_engine(None, 3),
+            "tensor 2, zero1": _dpo_engine(None, 1, {"tensor": 2})}
+    start = jax.device_get(runs["one device"].params)
+    results = {}
+    for name, engine in runs.items():
+        got = [float(engine.train_step(b)["loss"]) for b in pair_batches]
+        results[name] = (got, jax.device_get(engine.params))
+    base_losses, base_params = results["one device"]
+    for name, (got, params) in results.items():
+        np.testing.assert_allclose(got, base_losses, rtol=1e-4, atol=1e-5, err_msg=name)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name),
+                     params["policy"], base_params["policy"])
+        jax.tree.map(np.testing.assert_array_equal, params["reference"], start["reference"])   # bitwise
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), base_params["policy"], start["policy"]))
+    assert max(moved) > 1e-4                                    # the policy did train
+    assert len(jax.tree.leaves(runs["zero3 x8"].state.opt_state)) < 2 * len(jax.tree.leaves(start))  # policy only
+
+
+def test_dpo_on_the_toy_data_prefers_chosen_and_precomputed_reference_agrees(tmp_path):
+    config = json.load(open(DPO_CONFIG))
+    config["zerojax"]["rlhf"]["data"] = os.path.join(ROOT, "configs", "rlhf", "pairs.jsonl")
+    config["zerojax"]["train"].update(steps=15, log_every=1, checkpoint_every=0)
+    zerojax.rlhf.dpo(config, out=str(tmp_path / "a"))
+    config["zerojax"]["rlhf"]["precompute_ref"] = True
+    config["zerojax"]["train"]["steps"] = 3
+    zerojax.rlhf.dpo(config, out=str(tmp_path / "b"))
+    read = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
+    a, b = read("a"), read("b")
+    assert a[-1]["rewards/accuracies"] > 0.9 and a[-1]["rewards/margins"] > a[0]["rewards/margins"]
+    for x, y in zip(a[:3], b):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5, abs_tol=1e-6), (x["loss"], y["loss"])

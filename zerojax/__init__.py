@@ -7,3 +7,11 @@ from zerojax.trainer import train
 
 __all__ = ["CheckpointError", "Config", "ConfigError", "Engine", "initialize", "from_linen", "train"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Subsystems load on first use (`zerojax.rlhf.dpo(...)`, `zerojax.inference.pipeline(...)`).
+    if name in ("inference", "rlhf", "serve"):
+        import importlib
+        return importlib.import_module(f"zerojax.{name}")
+    raise AttributeError(f"module 'zerojax' has no attribute {name!r}")

@@ -115,8 +115,18 @@ class Engine:
             config, optimizer=optimizer,
             decay_mask=decay_mask(logical, abstract_params, config.zerojax.weight_decay_mask))
         self.lr_fn = optim.lr_schedule(config, optimizer=optimizer)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        opt_specs = self.layout.optimizer_specs(self.tx, abstract_opt)
+        # A model names the param subtrees that never train (e.g. DPO's reference policy):
+        # the optimizer and its state cover the others only.
+        frozen = tuple(getattr(abstract_model, "zerojax_frozen", ()))
+        trained = optim.trained_params(abstract_params, frozen) if frozen else abstract_params
+        abstract_opt = jax.eval_shape(self.tx.init, trained)
+        opt_specs = self.layout.optimizer_specs(self.tx, abstract_opt, subtrees=tuple(trained) if frozen else None)
+        if frozen:
+            unknown = sorted(set(frozen) - set(abstract_params))
+            if unknown:
+                raise ConfigError(f"zerojax_frozen names {unknown}, which are not param subtrees "
+                                  f"({sorted(abstract_params)})")
+            self.tx = optim.freeze(self.tx, frozen)
 
         loss_scale = precision.init_loss_scale(config)
         replicated = lambda tree: jax.tree.map(lambda x: _replicated(self.mesh, x), tree)

@@ -483,3 +483,23 @@ def _drive_user_optimizer(config: Config, optimizer: optax.GradientTransformatio
         state = _set_hyperparams(state, values)
         return optax.with_extra_args_support(optimizer).update(updates, state, params, **extra_args)
     return optax.GradientTransformationExtraArgs(optimizer.init, update)
+
+
+def freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]) -> optax.GradientTransformation:
+    """`tx` over every top-level param subtree except those named in `frozen`, which get
+    zero updates and no optimizer state (a DPO reference, a PPO reference policy): they stay
+    bitwise as they are while sharded like the rest. The state is `tx`'s over the trained
+    subtrees alone (`trained_params` picks them)."""
+    def init(params):
+        return tx.init(trained_params(params, frozen))
+
+    def update(updates, state, params=None):
+        trained, state = tx.update(trained_params(updates, frozen), state,
+                                   None if params is None else trained_params(params, frozen))
+        return {k: trained[k] if k in trained else jax.tree.map(jnp.zeros_like, v) for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def trained_params(tree: dict, frozen: tuple[str, ...]) -> dict:
+    return {k: v for k, v in tree.items() if k not in frozen}

@@ -152,9 +152,13 @@ class StateLayout:
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
                             is_leaf=lambda x: isinstance(x, PartitionSpec))
 
-    def optimizer_specs(self, tx: optax.GradientTransformation, abstract_opt_state: Any) -> Any:
-        """Param-shaped optimizer leaves follow the ZeRO layout from stage 1; scalars replicate."""
+    def optimizer_specs(self, tx: optax.GradientTransformation, abstract_opt_state: Any,
+                        subtrees: tuple[str, ...] | None = None) -> Any:
+        """Param-shaped optimizer leaves follow the ZeRO layout from stage 1; scalars replicate.
+        `subtrees`: the state covers only these top-level param subtrees (the others frozen)."""
         per_param = self.zero if self.stage >= 1 else self.compute
+        if subtrees is not None:
+            per_param = {k: per_param[k] for k in subtrees}
         return optax.tree_map_params(
             tx, lambda _leaf, spec: spec, abstract_opt_state, per_param,
             transform_non_params=lambda leaf: PartitionSpec(*([None] * np.ndim(leaf))),

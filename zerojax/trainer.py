@@ -114,12 +114,14 @@ def _evaluate(engine: Engine, batches: list[dict]) -> float:
 
 def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: Iterable | None = None,
           *, steps: int | None = None, out: str | None = None, eval_data: Iterable | None = None,
-          resume: bool = True, stream=None) -> dict:
+          resume: bool = True, stream=None, init_weights: Callable[[Engine], None] | None = None) -> dict:
     """Train `model_fn`'s model (or the config's `zerojax.model`) and return a summary dict.
 
     `data`: an iterable of batches (dicts of `train_batch_size / process_count` rows);
     by default the config's `zerojax.data` corpus. An iterable with `state()` /
     `restore()` (like `TokenBatches`) is resumed exactly from checkpoints.
+    `init_weights(engine)`: a fresh run's start point instead of the model's `init_from`
+    (a model that wraps others, e.g. DPO's policy and reference, loads its own).
     """
     config = Config.load(config)
     train_cfg = config.zerojax.train
@@ -156,6 +158,8 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
         start = engine.global_steps
         if "data" in client_state and hasattr(data_iter, "restore"):
             data_iter.restore(client_state["data"])
+    elif init_weights is not None:
+        init_weights(engine)
     else:
         _init_weights(engine, init_from)
 
@@ -182,8 +186,9 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
     with stop.installed():
         while step < steps:
             batch = next(data_iter) if not hasattr(data_iter, "next") else data_iter.next()
-            if step == start and "input_ids" in batch:     # the real batch shape, not the corpus default
-                tokens_per_step = int(np.size(batch["input_ids"])) * jax.process_count()
+            if step == start and any(k.endswith("ids") for k in batch):   # the real batch, not the corpus default
+                tokens_per_step = sum(int(np.size(v)) for k, v in batch.items() if k.endswith("ids")) \
+                    * jax.process_count()
             t0 = time.perf_counter()
             metrics = engine.train_step(batch)
             last_loss = float(metrics["loss"])          # syncs: the step time is real

@@ -53,12 +53,35 @@ def check_vocab(examples: list, vocab_size: int, path: str) -> None:
                           f"tokenizer match the model?)")
 
 
-def train(run: Run, batches, report, *, model_fn=None, steps=None, out=None, stream=None) -> dict:
+def train(run: Run, batches, report, *, model_fn=None, steps=None, out=None, stream=None,
+          init_weights=None) -> dict:
     from zerojax.trainer import train as train_loop
 
     warning = report.summary()
     if warning:
         print(f"zerojax rlhf {run.algorithm}: warning: {warning}", file=sys.stderr, flush=True)
-    summary = train_loop(model_fn, run.config, data=batches, steps=steps, out=out, stream=stream)
+    summary = train_loop(model_fn, run.config, data=batches, steps=steps, out=out, stream=stream,
+                         init_weights=init_weights)
     summary["data"] = dataclasses.asdict(report)
     return summary
+
+
+def load_params_into(engine, source: str, subtree: str):
+    """The params of `source` (a HF directory or a zerojax checkpoint root) laid out like
+    `engine`'s params under `subtree`: a plain model's weights for one part of a wrapper."""
+    import jax
+    import numpy as np
+
+    from zerojax import checkpoint
+
+    shardings = engine.state_shardings.params[subtree]
+    like = engine.state.params[subtree]
+    if os.path.isfile(os.path.join(source, "config.json")):
+        from zerojax import hf
+        return hf.load_params(source, shardings=shardings)
+    tag = checkpoint.resolve_tag(source, None)
+    where = os.path.join(source, tag)
+    checkpoint.check_params_match(checkpoint.read_meta(source, tag), checkpoint.to_nested(like), where)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), like, shardings)
+    restored = checkpoint.restore(source, tag, {"params": checkpoint.to_nested(abstract)})
+    return checkpoint.from_nested(like, restored["params"])
