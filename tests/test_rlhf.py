@@ -269,3 +269,52 @@ def test_dpo_on_the_toy_data_prefers_chosen_and_precomputed_reference_agrees(tmp
     assert a[-1]["rewards/accuracies"] > 0.9 and a[-1]["rewards/margins"] > a[0]["rewards/margins"]
     for x, y in zip(a[:3], b):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5, abs_tol=1e-6), (x["loss"], y["loss"])
+
+    # The checkpoint is the policy's: it exports (and serves, and is an init_from) as the model.
+    from zerojax import checkpoint
+    root = str(tmp_path / "a")
+    tag = checkpoint.latest_tag(root)
+    policy = checkpoint.read_param(root, tag, "policy.embed_tokens", [256, 64], "float32")
+    reference = checkpoint.read_param(root, tag, "reference.embed_tokens", [256, 64], "float32")
+    assert np.abs(policy - reference).max() > 1e-4
+    run = subprocess.run([sys.executable, "-m", "zerojax.cli", "export", root, str(tmp_path / "hf"), "--hf"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    from safetensors.numpy import load_file
+    np.testing.assert_array_equal(load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"],
+                                  policy)
+
+
+# ---------------------------------------------------------------- reward model
+def test_reward_model_learns_the_preference_and_exports_to_hf_sequence_classification(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from zerojax.rlhf import RewardModel
+    from zerojax.rlhf.reward import collate_scored_pairs
+
+    config = json.load(open(os.path.join(ROOT, "configs", "rlhf", "reward.json")))
+    config["zerojax"]["rlhf"]["data"] = os.path.join(ROOT, "configs", "rlhf", "pairs.jsonl")
+    config["zerojax"]["train"].update(steps=25, log_every=5, checkpoint_every=0)
+    zerojax.rlhf.reward(config, out=str(tmp_path / "rm"))
+    records = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl") if '"loss"' in line]
+    assert records[-1]["accuracy"] > 0.9 and records[-1]["margin"] > records[0]["margin"], records[-1]
+
+    run = subprocess.run([sys.executable, "-m", "zerojax.cli", "export", str(tmp_path / "rm"), str(tmp_path / "hf"),
+                          "--hf"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+
+    pairs, _ = rdata.preference_pairs(os.path.join(ROOT, "configs", "rlhf", "pairs.jsonl"), ByteTokenizer(),
+                                      max_prompt_len=64, max_len=128)
+    batch = collate_scored_pairs(128)(pairs[:4])
+    engine = zerojax.initialize(model_fn=lambda r: RewardModel(Llama(LlamaConfig(**{
+        k: v for k, v in config["zerojax"]["model"].items() if k != "type"}), rngs=r), rngs=r),
+        config={"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+        devices=jax.devices()[:1])
+    engine.load_checkpoint(str(tmp_path / "rm"), load_module_only=True)
+    ours = np.asarray(jax.jit(lambda ids, n: engine.model().scores(ids, n))(batch["chosen_ids"],
+                                                                            batch["chosen_lengths"]))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(batch["chosen_ids"], dtype=torch.long)).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)

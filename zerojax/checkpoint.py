@@ -261,16 +261,36 @@ def _prune(root: str, *, keep: str, max_to_keep: int | None, keep_every: int | N
 
 # ---- restore ------------------------------------------------------------------------------------
 
-def check_params_match(meta: dict, abstract_params: Any, where: str) -> None:
+def check_params_match(meta: dict, abstract_params: Any, where: str, *, partial: bool = False) -> None:
+    """The checkpoint holds exactly these params (`partial`: at least these), same shapes."""
     saved, wanted = meta["params"], shapes_of(abstract_params)
     missing = sorted(set(wanted) - set(saved))
-    unexpected = sorted(set(saved) - set(wanted))
+    unexpected = [] if partial else sorted(set(saved) - set(wanted))
     differ = [f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, model {wanted[k][0]} {wanted[k][1]}"
               for k in sorted(set(saved) & set(wanted)) if saved[k][0] != wanted[k][0]]
     if missing or unexpected or differ:
         lines = ([f"missing in checkpoint: {', '.join(missing[:5])}"] if missing else []) \
             + ([f"not in model: {', '.join(unexpected[:5])}"] if unexpected else []) + differ[:5]
         raise CheckpointError(f"checkpoint {where} does not fit this model: " + "; ".join(lines))
+
+
+def model_section(meta: dict) -> tuple[dict | None, str | None]:
+    """The checkpoint's model section (to rebuild the module) and where its params sit: a
+    wrapper trained around a model (DPO's policy + reference) saves the model's params under
+    one subtree, `params_under` (None: the params are the model's)."""
+    section = dict(meta.get("model") or {}) or None
+    prefix = section.pop("params_under", None) if section else None
+    return section, prefix
+
+
+def restore_model_params(root: str, tag: str, meta: dict, target: dict) -> dict:
+    """The model's params (`target`: nested abstract arrays with the wanted shardings), also
+    from a wrapper's checkpoint (`model_section`'s `params_under`)."""
+    _, prefix = model_section(meta)
+    wanted = {prefix: target} if prefix else target
+    check_params_match(meta, wanted, os.path.join(root, tag), partial=prefix is not None)
+    restored = restore(root, tag, {"params": wanted})["params"]
+    return restored[prefix] if prefix else restored
 
 
 def restore(root: str, tag: str, target: dict) -> dict:

@@ -148,9 +148,10 @@ def _add_train_commands(commands) -> None:
                        help="override a config key by dotted path, e.g. zero_optimization.stage=2")
     train.set_defaults(run=_train)
 
-    rlhf = commands.add_parser("rlhf", help="RLHF on a config's model: sft (DeepSpeed-Chat step 1), dpo")
-    rlhf.add_argument("algorithm", choices=["sft", "dpo"],
-                      help="sft: fine-tune on prompt/response or messages JSONL; dpo: on prompt/chosen/rejected")
+    rlhf = commands.add_parser("rlhf", help="RLHF on a config's model: sft, reward (DeepSpeed-Chat steps 1-2), dpo")
+    rlhf.add_argument("algorithm", choices=["sft", "reward", "dpo"],
+                      help="sft: fine-tune on prompt/response or messages JSONL; reward, dpo: on "
+                           "prompt/chosen/rejected pairs")
     rlhf.add_argument("config", help='DeepSpeed JSON config; data and settings in "zerojax": {"rlhf": {...}}')
     rlhf.add_argument("--steps", type=int, help="train to this many steps (default: zerojax.train.steps)")
     rlhf.add_argument("--out", help="output directory: checkpoints, metrics.jsonl, loss curve")

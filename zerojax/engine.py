@@ -173,6 +173,8 @@ class Engine:
         cfg = getattr(abstract_model, "cfg", None)
         self.model_section = ({"type": type(abstract_model).__name__.lower(), **dataclasses.asdict(cfg)}
                               if dataclasses.is_dataclass(cfg) else None)
+        # A wrapper (e.g. a reward model over a Llama) names what its checkpoint holds itself.
+        self.model_section = getattr(abstract_model, "zerojax_model_section", None) or self.model_section
 
     def _pipeline_schedule(self, model) -> str | None:
         """The pipeline schedule when the mesh has stages; impossible settings are ConfigErrors."""

@@ -86,6 +86,7 @@ TIED_HEAD = "lm_head.weight"
 NAME_PREFIXES = {"llama": ("",), "gpt2": ("", "transformer.")}
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+SEQUENCE_CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000          # Hugging Face's default "5GB"
 SAVE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
 FLOAT_DTYPES = {*SAVE_DTYPES.values(), np.dtype(np.float64)}
@@ -454,7 +455,7 @@ def _host(array: Any) -> np.ndarray:
 
 
 def save_pretrained(params: Mapping[str, Any], model_cfg: Any, path: str, *, dtype: str = "float32",
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, score: Any = None) -> list[str]:
     """Write a Hugging Face directory (`config.json` + safetensors) for zerojax params.
 
     `params`: the nested pure dict of the model's params (jax or numpy arrays, sharded or
@@ -462,6 +463,8 @@ def save_pretrained(params: Mapping[str, Any], model_cfg: Any, path: str, *, dty
     `{"type": ..., **fields}` section. Tensors are streamed one at a time (a stacked
     param one layer at a time); with more than `max_shard_bytes` in all, they go to
     Hugging Face shards plus an index. Returns the file names written.
+    `score` ([D], a reward model's head): write a `...ForSequenceClassification` with
+    one label instead of the causal LM (its `lm_head` left out, `score.weight` added).
     """
     cfg = make_config(model_cfg) if isinstance(model_cfg, Mapping) else model_cfg
     kind = _kind(cfg)
@@ -499,12 +502,22 @@ def save_pretrained(params: Mapping[str, Any], model_cfg: Any, path: str, *, dty
             tensor[where] = values
         return tensor
 
+    if score is not None:
+        for name in [n for n in shapes if n.startswith("lm_head")]:
+            del shapes[name]
+        shapes["score.weight"] = (1, int(np.shape(score)[0]))
+        plain_fetch = fetch
+        fetch = lambda name: _host(score)[None, :].astype(out_dtype) if name == "score.weight" else plain_fetch(name)
     os.makedirs(path, exist_ok=True)
     written = write_sharded(path, [(n, s, out_dtype) for n, s in shapes.items()], fetch,
                             max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     config_file = os.path.join(path, "config.json")
     with open(config_file + ".tmp", "w") as f:
-        json.dump(hf_config(cfg, dtype), f, indent=2, sort_keys=True)
+        config = hf_config(cfg, dtype)
+        if score is not None:
+            config.update(architectures=[SEQUENCE_CLASSIFIERS[kind]], num_labels=1, id2label={"0": "LABEL_0"},
+                          label2id={"LABEL_0": 0}, pad_token_id=0)
+        json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(config_file + ".tmp", config_file)
     return written + ["config.json"]
@@ -548,8 +561,14 @@ def export_checkpoint_to_hf(root: str, out_dir: str, *, tag: str | None = None,
                               f"export plain safetensors instead (without --hf)")
     lazy = {name: _CheckpointParam(root, tag, name, shape, saved_dtype)
             for name, (shape, saved_dtype) in meta["params"].items()}
+    section, prefix = checkpoint.model_section(meta)
+    params, score = unflatten(lazy), None
+    if prefix:                                      # a wrapper's checkpoint (DPO): its policy
+        params = params[prefix]
+    if section.pop("reward_head", False):          # a zerojax.rlhf reward model: base + score head
+        params, score = params["base"], params["score"]
     try:
-        save_pretrained(unflatten(lazy), meta["model"], out_dir, dtype=dtype)
+        save_pretrained(params, section, out_dir, dtype=dtype, score=score)
     finally:
         _CheckpointParam._cache.clear()
     return out_dir

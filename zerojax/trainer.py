@@ -57,13 +57,25 @@ def model_fn_from_config(config: Config) -> tuple[Callable[[nnx.Rngs], nnx.Modul
 
 def _init_weights(engine: Engine, init_from: str | None) -> None:
     """Fine-tuning start point: a Hugging Face directory or a zerojax checkpoint directory."""
-    if not init_from:
-        return
-    if os.path.isfile(os.path.join(init_from, "config.json")):
+    if init_from:
+        engine.set_params(load_model_params(engine, init_from))
+
+
+def load_model_params(engine: Engine, source: str, subtree: str | None = None) -> Any:
+    """The weights of `source` (a HF directory or a zerojax checkpoint root, a wrapper's
+    included: DPO's saves its policy) laid out like `engine`'s params, or like its
+    `subtree` of them when the engine's model wraps this one (a reward model's `base`)."""
+    shardings, like = engine.state_shardings.params, engine.state.params
+    if subtree is not None:
+        shardings, like = shardings[subtree], like[subtree]
+    if os.path.isfile(os.path.join(source, "config.json")):
         from zerojax import hf
-        engine.set_params(hf.load_params(init_from, shardings=engine.state_shardings.params))
-    else:
-        engine.load_checkpoint(init_from, load_module_only=True)
+        return hf.load_params(source, shardings=shardings)
+    tag = checkpoint.resolve_tag(source, None)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), like, shardings)
+    restored = checkpoint.restore_model_params(source, tag, checkpoint.read_meta(source, tag),
+                                               checkpoint.to_nested(abstract))
+    return checkpoint.from_nested(like, restored)
 
 
 class _StopRequest:

@@ -106,15 +106,16 @@ def _default_tokenizer(directory: str | None, vocab_size: int):
 def _from_checkpoint(root: str, mesh: Mesh, tag: str | None) -> Loaded:
     tag = checkpoint.resolve_tag(root, tag)
     meta = checkpoint.read_meta(root, tag)
-    if not meta.get("model"):
-        raise CheckpointError(f"checkpoint {os.path.join(root, tag)} has no model section (it was not "
-                              f"trained from a zerojax.models config), so it cannot be rebuilt for serving")
-    abstract_module = nnx.eval_shape(lambda: models.build(meta["model"], nnx.Rngs(0)))
+    section, _ = checkpoint.model_section(meta)
+    if not section or section.get("reward_head"):
+        raise CheckpointError(f"checkpoint {os.path.join(root, tag)} has no language model section (it was "
+                              f"not trained from a zerojax.models config, or it is a reward model), so it "
+                              f"cannot be rebuilt for serving")
+    abstract_module = nnx.eval_shape(lambda: models.build(section, nnx.Rngs(0)))
     graphdef, _, rest = nnx.split(abstract_module, nnx.Param, ...)
     abstract, rules, shardings = _layout(abstract_module, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    checkpoint.check_params_match(meta, checkpoint.to_nested(target), os.path.join(root, tag))
-    restored = checkpoint.restore(root, tag, {"params": checkpoint.to_nested(target)})["params"]
+    restored = checkpoint.restore_model_params(root, tag, meta, checkpoint.to_nested(target))
     params = checkpoint.from_nested(target, restored)
     vocab = abstract_module.kv_geometry().vocab_size if hasattr(abstract_module, "kv_geometry") else 0
     return _finish(graphdef, params, _concrete_rest(rest), abstract_module, _default_tokenizer(root, vocab),

@@ -165,6 +165,10 @@ class GPT2(nnx.Module):
         bias_D = compute.for_compute(self.ln_f_bias[...], NORM_AXES)
         return L.layer_norm(x_BLD, scale_D, bias_D, self.cfg.layer_norm_epsilon)
 
+    def final_hidden(self, x_BLD: jax.Array) -> jax.Array:
+        """The last layer's output through `ln_f`: what a head (LM or score) reads."""
+        return self._final(x_BLD)
+
     def head_logits(self, x_BLD: jax.Array) -> jax.Array:
         """fp32 logits [B, L, V] through `ln_f` and the tied head (`wte`)."""
         return L.lm_logits(self._final(x_BLD), compute.for_compute(self.wte[...], WTE_AXES))

@@ -183,6 +183,10 @@ class Llama(nnx.Module):
             return x_BLD, compute.for_compute(self.embed_tokens[...], EMBED_AXES), True
         return x_BLD, compute.for_compute(self.lm_head[...], HEAD_AXES), False
 
+    def final_hidden(self, x_BLD: jax.Array) -> jax.Array:
+        """The last layer's output through the final norm: what a head (LM or score) reads."""
+        return self._final(x_BLD)[0]
+
     def head_logits(self, x_BLD: jax.Array) -> jax.Array:
         """fp32 logits [B, L, V] from the last layer's output (final norm included)."""
         x_BLD, head, is_VD = self._final(x_BLD)

@@ -21,6 +21,8 @@ class Run:
     chat_render: Callable | None
     vocab_size: int
     global_rows: int            # train_batch_size: sequences (SFT) or pairs (reward, DPO)
+    model_fn: Callable          # rngs -> the config's model (what a wrapper wraps)
+    model_section: dict         # zerojax.model, init_from included
     pad_id: int = 0             # right padding, never counted: any id in the vocabulary does
 
 
@@ -34,7 +36,7 @@ def prepare(config: Any, algorithm: str) -> Run:
     found = check_settings(config.zerojax.rlhf, algorithm)
     if not found["data"]:
         raise ConfigError(f'no data: set "zerojax": {{"rlhf": {{"data": "file.jsonl"}}}} for {algorithm}')
-    _, section = model_fn_from_config(config)
+    model_fn, section = model_fn_from_config(config)
     init_from = section.get("init_from")
     hf_dir = init_from if init_from and os.path.isfile(os.path.join(init_from, "config.json")) else None
     tokenizer = (tok.for_directory(hf_dir) if hf_dir else None) or tok.ByteTokenizer()
@@ -43,7 +45,19 @@ def prepare(config: Any, algorithm: str) -> Run:
         raise ConfigError(f"zerojax.rlhf.max_len {found['max_len']} exceeds the model's max_position_embeddings "
                           f"{max_positions}")
     rows = config.resolve_batch(data_parallel_size(build_mesh(config))).train_batch_size
-    return Run(config, algorithm, found, tokenizer, chat_renderer(hf_dir), int(section["vocab_size"]), rows)
+    return Run(config, algorithm, found, tokenizer, chat_renderer(hf_dir), int(section["vocab_size"]), rows,
+               model_fn, section)
+
+
+def preference_data(run: Run):
+    """The run's preference pairs (prompt, chosen, rejected ids) and their data report."""
+    from zerojax.rlhf import data as rdata
+
+    s = run.settings
+    pairs, report = rdata.preference_pairs(s["data"], run.tokenizer, max_prompt_len=s["max_prompt_len"],
+                                           max_len=s["max_len"])
+    check_vocab(pairs, run.vocab_size, s["data"])
+    return pairs, report
 
 
 def check_vocab(examples: list, vocab_size: int, path: str) -> None:
@@ -65,23 +79,3 @@ def train(run: Run, batches, report, *, model_fn=None, steps=None, out=None, str
     summary["data"] = dataclasses.asdict(report)
     return summary
 
-
-def load_params_into(engine, source: str, subtree: str):
-    """The params of `source` (a HF directory or a zerojax checkpoint root) laid out like
-    `engine`'s params under `subtree`: a plain model's weights for one part of a wrapper."""
-    import jax
-    import numpy as np
-
-    from zerojax import checkpoint
-
-    shardings = engine.state_shardings.params[subtree]
-    like = engine.state.params[subtree]
-    if os.path.isfile(os.path.join(source, "config.json")):
-        from zerojax import hf
-        return hf.load_params(source, shardings=shardings)
-    tag = checkpoint.resolve_tag(source, None)
-    where = os.path.join(source, tag)
-    checkpoint.check_params_match(checkpoint.read_meta(source, tag), checkpoint.to_nested(like), where)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), like, shardings)
-    restored = checkpoint.restore(source, tag, {"params": checkpoint.to_nested(abstract)})
-    return checkpoint.from_nested(like, restored["params"])

@@ -10,6 +10,7 @@ step then runs the policy alone.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -28,6 +29,14 @@ class PolicyAndReference(nnx.Module):
         self.policy, self.reference = policy, reference
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.zerojax_casts_per_layer = bool(getattr(policy, "zerojax_casts_per_layer", False))
+
+    @property
+    def zerojax_model_section(self) -> dict | None:
+        """The checkpoint is the policy's: served, exported and `init_from`-ed as the model."""
+        cfg = getattr(self.policy, "cfg", None)
+        if not dataclasses.is_dataclass(cfg):
+            return None
+        return {"type": type(self.policy).__name__.lower(), **dataclasses.asdict(cfg), "params_under": "policy"}
 
     @staticmethod
     def _both(batch) -> tuple[jax.Array, jax.Array]:
@@ -84,14 +93,12 @@ class _WithReferenceLogps:
 
 def dpo(config: Any, *, steps: int | None = None, out: str | None = None, stream=None) -> dict:
     """DPO on `zerojax.rlhf.data` (prompt/chosen/rejected); reference = initial policy or `ref_from`."""
-    from zerojax.trainer import model_fn_from_config
+    from zerojax.trainer import load_model_params
 
     run = common.prepare(config, "dpo")
     s = run.settings
-    pairs, report = rdata.preference_pairs(s["data"], run.tokenizer, max_prompt_len=s["max_prompt_len"],
-                                           max_len=s["max_len"])
-    common.check_vocab(pairs, run.vocab_size, s["data"])
-    policy_fn, section = model_fn_from_config(run.config)
+    pairs, report = common.preference_data(run)
+    policy_fn, section = run.model_fn, run.model_section
 
     def model_fn(rngs):
         policy = policy_fn(rngs)
@@ -105,10 +112,10 @@ def dpo(config: Any, *, steps: int | None = None, out: str | None = None, stream
     def init_weights(engine):
         params = dict(engine.state.params)
         if section.get("init_from"):
-            params["policy"] = common.load_params_into(engine, section["init_from"], "policy")
+            params["policy"] = load_model_params(engine, section["init_from"], "policy")
             params["reference"] = params["policy"]
         if s["ref_from"]:
-            params["reference"] = common.load_params_into(engine, s["ref_from"], "reference")
+            params["reference"] = load_model_params(engine, s["ref_from"], "reference")
         engine.set_params(params)
         if s["precompute_ref"]:
             data.ref_logps = _reference_logps(engine, pairs, collate)
