@@ -224,6 +224,8 @@ def _dpo_engine(devices, stage: int, mesh: dict | None = None):
 
 def test_dpo_step_is_the_formula_on_policy_and_reference_logps(pair_batches):
     engine = _dpo_engine(jax.devices()[:1], 0)
+    policy = engine.params["policy"]
+    engine.set_params({"policy": policy, "reference": policy})     # one buffer, two names: still steps
     batch = pair_batches[0]
     model = engine.model()
     ids = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])

@@ -324,7 +324,17 @@ class Engine:
             raise ValueError(f"params do not fit this model: {bad[:5]}")
         params = checkpoint.from_nested(self.state.params, checkpoint.to_nested(params))
         params = jax.tree.map(lambda p, like: jnp.asarray(p, like.dtype), params, self.state.params)
-        self.state = self.state._replace(params=jax.device_put(params, self.state_shardings.params))
+        params = jax.device_put(params, self.state_shardings.params)
+        # The step donates the params: one buffer under two names (e.g. a DPO reference set
+        # to the policy's weights) must become two.
+        seen: set[int] = set()
+
+        def own(x):
+            if id(x) in seen:
+                return jnp.copy(x)
+            seen.add(id(x))
+            return x
+        self.state = self.state._replace(params=jax.tree.map(own, params))
 
     def model(self) -> nnx.Module:
         """The module with the current params (for inspection; arrays stay sharded)."""

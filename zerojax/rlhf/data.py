@@ -12,8 +12,9 @@ tokens keeps its last `max_prompt_len`; a response is cut to fit `max_len`; an e
 left without response tokens is dropped, and a pair whose chosen equals its rejected is
 dropped: `Report` counts each, and `Report.summary()` is the one warning line.
 
-Batches are padded to `max_len` (one compiled shape for the whole run) with `pad_id`;
-`response_mask` is 1 on response tokens. Batch i is a slice of the examples in the order
+Batches are right-padded with `pad_id` to their longest sequence rounded up to 32 tokens
+(at most `max_len`: a few compiled shapes, not one per batch); `response_mask` is 1 on
+response tokens. Batch i is a slice of the examples in the order
 of `np.random.default_rng([seed, epoch])`; past the last example the next epoch
 reshuffles, so any number of steps runs. Resumable like `zerojax.data.TokenBatches`.
 """
@@ -170,6 +171,15 @@ def _check_some(examples: list, path: str, report: Report) -> None:
         raise DataError(f"{path}: no usable examples left ({report.summary()}); raise max_len or shorten prompts")
 
 
+PAD_MULTIPLE = 32
+
+
+def padded_length(longest: int, max_len: int, multiple: int = PAD_MULTIPLE) -> int:
+    """A batch's length: its longest sequence rounded up to `multiple`, at most `max_len`.
+    A few shapes (so few compiles) instead of always `max_len`: short data runs short steps."""
+    return min(max_len, -(-longest // multiple) * multiple)
+
+
 def pad_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], max_len: int,
                   pad_id: int = 0) -> dict[str, np.ndarray]:
     """`input_ids`, `response_mask` [B, max_len] (right-padded) and `lengths` [B]."""
@@ -182,6 +192,14 @@ def pad_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], 
         mask[row, len(p):n] = 1
         lengths[row] = n
     return {"input_ids": ids, "response_mask": mask, "lengths": lengths}
+
+
+def pad_pairs(rows: Sequence[tuple[list, list, list]], max_len: int, pad_id: int = 0) -> tuple[dict, dict]:
+    """`pad_sequences` of (prompt + chosen) and (prompt + rejected), padded to one length."""
+    length = padded_length(max(len(p) + max(len(c), len(r)) for p, c, r in rows), max_len)
+    prompts = [p for p, _, _ in rows]
+    return (pad_sequences(prompts, [c for _, c, _ in rows], length, pad_id),
+            pad_sequences(prompts, [r for _, _, r in rows], length, pad_id))
 
 
 class ExampleBatches:

@@ -56,8 +56,7 @@ class RewardModel(nnx.Module):
 
 def collate_scored_pairs(max_len: int, pad_id: int = 0):
     def collate(rows):
-        chosen = rdata.pad_sequences([p for p, _, _ in rows], [c for _, c, _ in rows], max_len, pad_id)
-        rejected = rdata.pad_sequences([p for p, _, _ in rows], [r for _, _, r in rows], max_len, pad_id)
+        chosen, rejected = rdata.pad_pairs(rows, max_len, pad_id)
         return {"chosen_ids": chosen["input_ids"], "chosen_lengths": chosen["lengths"],
                 "rejected_ids": rejected["input_ids"], "rejected_lengths": rejected["lengths"]}
     return collate

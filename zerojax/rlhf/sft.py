@@ -23,7 +23,8 @@ def sft(config: Any, *, steps: int | None = None, out: str | None = None, stream
     max_len, pad = run.settings["max_len"], run.pad_id
 
     def collate(rows):
-        padded = rdata.pad_sequences([p for p, _ in rows], [r for _, r in rows], max_len, pad)
+        length = rdata.padded_length(max(len(p) + len(r) for p, r in rows), max_len)
+        padded = rdata.pad_sequences([p for p, _ in rows], [r for _, r in rows], length, pad)
         return {"input_ids": padded["input_ids"], "loss_mask": padded["response_mask"]}
 
     batches = rdata.ExampleBatches(examples, run.global_rows, collate, seed=run.config.zerojax.seed)
