@@ -139,13 +139,18 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(parser, example_set: str) -> None:
+    """--steps, --out and --set: what every training command takes."""
+    parser.add_argument("--steps", type=int, help="train to this many steps (default: zerojax.train.steps)")
+    parser.add_argument("--out", help="output directory: checkpoints, metrics.jsonl, loss curve")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key by dotted path, e.g. {example_set}")
+
+
 def _add_train_commands(commands) -> None:
     train = commands.add_parser("train", help="train the model a DeepSpeed JSON config names")
     train.add_argument("config", help="DeepSpeed JSON config; model and data in its \"zerojax\" section")
-    train.add_argument("--steps", type=int, help="train to this many steps (default: zerojax.train.steps)")
-    train.add_argument("--out", help="output directory: checkpoints, metrics.jsonl, loss curve")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key by dotted path, e.g. zero_optimization.stage=2")
+    _add_run_options(train, "zero_optimization.stage=2")
     train.set_defaults(run=_train)
 
     rlhf = commands.add_parser("rlhf", help="RLHF on a config's model: sft, reward (DeepSpeed-Chat steps 1-2), dpo")
@@ -153,10 +158,7 @@ def _add_train_commands(commands) -> None:
                       help="sft: fine-tune on prompt/response or messages JSONL; reward, dpo: on "
                            "prompt/chosen/rejected pairs")
     rlhf.add_argument("config", help='DeepSpeed JSON config; data and settings in "zerojax": {"rlhf": {...}}')
-    rlhf.add_argument("--steps", type=int, help="train to this many steps (default: zerojax.train.steps)")
-    rlhf.add_argument("--out", help="output directory: checkpoints, metrics.jsonl, loss curve")
-    rlhf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key by dotted path, e.g. zerojax.rlhf.max_len=256")
+    _add_run_options(rlhf, "zerojax.rlhf.max_len=256")
     rlhf.set_defaults(run=_rlhf)
 
     generate = commands.add_parser("generate", help="sample text from a trained checkpoint or HF directory (the inference engine)")

@@ -190,7 +190,49 @@ def load_corpus(data_section: Mapping[str, Any] | None, *, vocab_size: int
 
 
 # ---- batches ---------------------------------------------------------------------------
-class TokenBatches:
+class ResumableBatches:
+    """The position of a deterministic batch sequence: `next()` yields `batch(index)` and
+    moves on; `state()` / `restore()` carry the position through a checkpoint. A subclass
+    sets `self.seed`, `self.index = 0` and defines `batch(index)`."""
+
+    seed: int
+    index: int
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @staticmethod
+    def processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+        """This process's index and the process count (jax's where not given)."""
+        if process_index is None or process_count is None:
+            import jax
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        return process_index, process_count
+
+    def next(self) -> dict[str, np.ndarray]:
+        out = self.batch(self.index)
+        self.index += 1
+        return out
+
+    __next__ = next
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def state(self) -> dict[str, int]:
+        """JSON-serialisable position, for a checkpoint's ``client_state``."""
+        return {"index": self.index, "seed": self.seed}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state` (its seed wins: a resumed run keeps its sequence)."""
+        index, seed = (state.get(k) if isinstance(state, Mapping) else None for k in ("index", "seed"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (index, seed)):
+            raise ValueError(f"not a {type(self).__name__} state: {state!r}")
+        self.index, self.seed = index, seed
+
+
+class TokenBatches(ResumableBatches):
     """Deterministic, resumable batches ``{"input_ids": int32 [rows, seq_len]}``.
 
     Batch ``i`` holds ``global_rows`` windows at offsets drawn from
@@ -201,10 +243,7 @@ class TokenBatches:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_rows: int, *, seed: int = 0,
                  process_index: int | None = None, process_count: int | None = None):
-        if process_index is None or process_count is None:
-            import jax
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
+        process_index, process_count = self.processes(process_index, process_count)
         if len(tokens) < seq_len + 1:
             raise ConfigError(f"zerojax.data.seq_len: {len(tokens)} tokens are fewer than "
                               f"seq_len + 1 = {seq_len + 1}")
@@ -232,23 +271,3 @@ class TokenBatches:
         starts = self.offsets(index)[self.first_row:self.first_row + self.rows]
         return {"input_ids": np.asarray(self.tokens[starts[:, None] + self._window], np.int32)}
 
-    def next(self) -> dict[str, np.ndarray]:
-        out = self.batch(self.index)
-        self.index += 1
-        return out
-
-    __next__ = next
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def state(self) -> dict[str, int]:
-        """JSON-serialisable position, for a checkpoint's ``client_state``."""
-        return {"index": self.index, "seed": self.seed}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        """Continue from a :meth:`state` (its seed wins: a resumed run keeps its sequence)."""
-        index, seed = (state.get(k) if isinstance(state, Mapping) else None for k in ("index", "seed"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (index, seed)):
-            raise ValueError(f"not a TokenBatches state: {state!r}")
-        self.index, self.seed = index, seed

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from zerojax.config import ConfigError
+from zerojax.data import ResumableBatches
 
 
 class DataError(ConfigError):
@@ -202,7 +203,7 @@ def pad_pairs(rows: Sequence[tuple[list, list, list]], max_len: int, pad_id: int
             pad_sequences(prompts, [r for _, _, r in rows], length, pad_id))
 
 
-class ExampleBatches:
+class ExampleBatches(ResumableBatches):
     """Deterministic, resumable batches of `global_rows` examples, epoch after epoch.
 
     `collate(examples) -> dict of arrays` builds a batch (SFT rows or preference pairs).
@@ -211,10 +212,7 @@ class ExampleBatches:
 
     def __init__(self, examples: list, global_rows: int, collate: Callable[[list], dict], *, seed: int = 0,
                  process_index: int | None = None, process_count: int | None = None):
-        if process_index is None or process_count is None:
-            import jax
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
+        process_index, process_count = self.processes(process_index, process_count)
         if global_rows < 1 or global_rows % process_count:
             raise ConfigError(f"batch of {global_rows} rows cannot be split evenly over {process_count} processes")
         self.examples, self.global_rows, self.collate, self.seed = examples, global_rows, collate, seed
@@ -236,22 +234,3 @@ class ExampleBatches:
     def batch(self, index: int) -> dict[str, np.ndarray]:
         chosen = self.indices(index)[self.first_row:self.first_row + self.rows]
         return self.collate([self.examples[i] for i in chosen])
-
-    def next(self) -> dict[str, np.ndarray]:
-        out = self.batch(self.index)
-        self.index += 1
-        return out
-
-    __next__ = next
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def state(self) -> dict[str, int]:
-        return {"index": self.index, "seed": self.seed}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        index, seed = (state.get(k) if isinstance(state, Mapping) else None for k in ("index", "seed"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (index, seed)):
-            raise ValueError(f"not an ExampleBatches state: {state!r}")
-        self.index, self.seed = index, seed
