@@ -6,6 +6,8 @@ sft.jsonl    {"prompt", "response"}: requests answered politely.
 pairs.jsonl  {"prompt", "chosen", "rejected"}: the polite reply chosen over a rude one, for
              the reward model and DPO. Deterministic (seeded), short enough for the byte
              tokenizer and a 128-token context.
+prompts.jsonl {"prompt", "target_len"}: requests for a number, for PPO and GRPO with the
+             programmatic rewards of examples/rlhf_rewards.py (digits; a target length).
 """
 from __future__ import annotations
 
@@ -34,6 +36,16 @@ def examples(count: int, seed: int = 0):
         yield prompt, polite, rude
 
 
+NUMBER_ASKS = ["Give me a number to {t}.", "How many tries to {t}?", "Pick a code to {t}.",
+               "Write the count to {t}."]
+
+
+def number_prompts(count: int, seed: int = 1):
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield "User: " + rng.choice(NUMBER_ASKS).format(t=rng.choice(TASKS)) + "\nBot:", rng.choice([4, 8, 12])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "configs", "rlhf"))
@@ -47,7 +59,11 @@ def main() -> None:
     with open(os.path.join(args.out, "pairs.jsonl"), "w") as f:
         for prompt, polite, rude in rows:
             f.write(json.dumps({"prompt": prompt, "chosen": polite, "rejected": rude}) + "\n")
-    print(f"wrote {len(rows)} SFT examples and {len(rows)} preference pairs to {os.path.normpath(args.out)}")
+    with open(os.path.join(args.out, "prompts.jsonl"), "w") as f:
+        for prompt, target_len in number_prompts(64):
+            f.write(json.dumps({"prompt": prompt, "target_len": target_len}) + "\n")
+    print(f"wrote {len(rows)} SFT examples, {len(rows)} preference pairs and 64 prompts to "
+          f"{os.path.normpath(args.out)}")
 
 
 if __name__ == "__main__":

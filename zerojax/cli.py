@@ -153,10 +153,12 @@ def _add_train_commands(commands) -> None:
     _add_run_options(train, "zero_optimization.stage=2")
     train.set_defaults(run=_train)
 
-    rlhf = commands.add_parser("rlhf", help="RLHF on a config's model: sft, reward (DeepSpeed-Chat steps 1-2), dpo")
-    rlhf.add_argument("algorithm", choices=["sft", "reward", "dpo"],
+    rlhf = commands.add_parser("rlhf", help="RLHF on a config's model: sft, reward, ppo (DeepSpeed-Chat's "
+                                             "steps), dpo, grpo")
+    rlhf.add_argument("algorithm", choices=["sft", "reward", "dpo", "ppo", "grpo"],
                       help="sft: fine-tune on prompt/response or messages JSONL; reward, dpo: on "
-                           "prompt/chosen/rejected pairs")
+                           "prompt/chosen/rejected pairs; ppo, grpo: sample from prompts, score with "
+                           "reward_fn or reward_model")
     rlhf.add_argument("config", help='DeepSpeed JSON config; data and settings in "zerojax": {"rlhf": {...}}')
     _add_run_options(rlhf, "zerojax.rlhf.max_len=256")
     rlhf.set_defaults(run=_rlhf)

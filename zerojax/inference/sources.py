@@ -61,7 +61,7 @@ def check_protocol(module: nnx.Module) -> None:
             f"as zerojax.models.Llama does")
 
 
-def _layout(abstract_module: nnx.Module, mesh: Mesh):
+def serving_layout(abstract_module: nnx.Module, mesh: Mesh):
     _, params_state, _ = nnx.split(abstract_module, nnx.Param, ...)
     logical = partition.logical_axes(params_state)
     abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params_state))
@@ -70,12 +70,14 @@ def _layout(abstract_module: nnx.Module, mesh: Mesh):
     return abstract, rules, layout.shardings(layout.compute)
 
 
-def load(src: Any, *, tensor_parallel: int = 1, devices=None, tag: str | None = None) -> Loaded:
-    """Weights, module and tokenizer of `src`; `tag` picks a checkpoint other than `latest`."""
+def load(src: Any, *, tensor_parallel: int = 1, devices=None, tag: str | None = None,
+         subtree: str | None = None) -> Loaded:
+    """Weights, module and tokenizer of `src`; `tag` picks a checkpoint other than `latest`;
+    `subtree` names the served model inside a live Engine's wrapper (RLHF's `policy`)."""
     from zerojax.engine import Engine
 
     if isinstance(src, Engine):
-        return _from_engine(src, tensor_parallel)
+        return _from_engine(src, tensor_parallel, subtree)
     if isinstance(src, nnx.Module):
         return _from_module(src, inference_mesh(tensor_parallel, devices))
     if isinstance(src, (str, os.PathLike)):
@@ -113,7 +115,7 @@ def _from_checkpoint(root: str, mesh: Mesh, tag: str | None) -> Loaded:
                               f"cannot be rebuilt for serving")
     abstract_module = nnx.eval_shape(lambda: models.build(section, nnx.Rngs(0)))
     graphdef, _, rest = nnx.split(abstract_module, nnx.Param, ...)
-    abstract, rules, shardings = _layout(abstract_module, mesh)
+    abstract, rules, shardings = serving_layout(abstract_module, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     restored = checkpoint.restore_model_params(root, tag, meta, checkpoint.to_nested(target))
     params = checkpoint.from_nested(target, restored)
@@ -129,7 +131,7 @@ def _from_hf(path: str, mesh: Mesh) -> Loaded:
     model_cls = next(cls for cls, cfg_cls in models.MODELS.values() if isinstance(cfg, cfg_cls))
     abstract_module = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, _, rest = nnx.split(abstract_module, nnx.Param, ...)
-    _, rules, shardings = _layout(abstract_module, mesh)
+    _, rules, shardings = serving_layout(abstract_module, mesh)
     params = hf.load_params(path, shardings=shardings, cfg=cfg)
     tokenizer = tok.for_directory(path)
     return _finish(graphdef, params, _concrete_rest(rest), abstract_module, tokenizer, mesh, rules, shardings)
@@ -138,23 +140,27 @@ def _from_hf(path: str, mesh: Mesh) -> Loaded:
 def _from_module(module: nnx.Module, mesh: Mesh) -> Loaded:
     check_protocol(module)
     graphdef, params_state, rest = nnx.split(module, nnx.Param, ...)
-    _, rules, shardings = _layout(module, mesh)
+    _, rules, shardings = serving_layout(module, mesh)
     params = reshard(nnx.to_pure_dict(params_state), shardings)
     vocab = module.kv_geometry().vocab_size
     return _finish(graphdef, params, nnx.to_pure_dict(rest), module, _default_tokenizer(None, vocab),
                    mesh, rules, shardings)
 
 
-def _from_engine(engine, tensor_parallel: int) -> Loaded:
+def _from_engine(engine, tensor_parallel: int, subtree: str | None = None) -> Loaded:
+    """A live engine's current params; `subtree` serves a wrapped model (RLHF's `policy`)."""
     mesh = inference_mesh(tensor_parallel, list(engine.mesh.devices.flat))
     module = engine.model()
+    params = engine.state.params
+    if subtree is not None:
+        module, params = getattr(module, subtree), params[subtree]
     check_protocol(module)
-    _, rules, shardings = _layout(module, mesh)
-    params = reshard(engine.state.params, shardings)
-    rest = jax.device_put(engine.state.model_state, NamedSharding(mesh, P()))
+    graphdef, _, rest = nnx.split(module, nnx.Param, ...)
+    _, rules, shardings = serving_layout(module, mesh)
+    params = reshard(params, shardings)
+    rest = jax.device_put(nnx.to_pure_dict(rest), NamedSharding(mesh, P()))
     vocab = module.kv_geometry().vocab_size
-    return _finish(engine.graphdef, params, rest, module, _default_tokenizer(None, vocab),
-                   mesh, rules, shardings)
+    return _finish(graphdef, params, rest, module, _default_tokenizer(None, vocab), mesh, rules, shardings)
 
 
 def reshard(params: Any, shardings: Any) -> Any:
@@ -194,5 +200,5 @@ def stored_dtype(params: Any):
     return floats[0] if floats else jnp.float32
 
 
-__all__ = ["Loaded", "PROTOCOL", "cast_params", "check_protocol", "inference_mesh", "load", "reshard",
+__all__ = ["Loaded", "PROTOCOL", "cast_params", "check_protocol", "inference_mesh", "load", "reshard", "serving_layout",
            "stored_dtype"]

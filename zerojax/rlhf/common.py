@@ -41,9 +41,11 @@ def prepare(config: Any, algorithm: str) -> Run:
     hf_dir = init_from if init_from and os.path.isfile(os.path.join(init_from, "config.json")) else None
     tokenizer = (tok.for_directory(hf_dir) if hf_dir else None) or tok.ByteTokenizer()
     max_positions = section.get("max_position_embeddings")
-    if max_positions and found["max_len"] > max_positions:
-        raise ConfigError(f"zerojax.rlhf.max_len {found['max_len']} exceeds the model's max_position_embeddings "
-                          f"{max_positions}")
+    context, what = ((found["max_len"], f"max_len {found['max_len']}") if "max_len" in found else
+                     (found["max_prompt_len"] + found["max_new_tokens"],
+                      f"max_prompt_len + max_new_tokens = {found['max_prompt_len'] + found['max_new_tokens']}"))
+    if max_positions and context > max_positions:
+        raise ConfigError(f"zerojax.rlhf.{what} exceeds the model's max_position_embeddings {max_positions}")
     rows = config.resolve_batch(data_parallel_size(build_mesh(config))).train_batch_size
     return Run(config, algorithm, found, tokenizer, chat_renderer(hf_dir), int(section["vocab_size"]), rows,
                model_fn, section)
