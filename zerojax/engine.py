@@ -324,13 +324,15 @@ class Engine:
             raise ValueError(f"params do not fit this model: {bad[:5]}")
         params = checkpoint.from_nested(self.state.params, checkpoint.to_nested(params))
         params = jax.tree.map(lambda p, like: jnp.asarray(p, like.dtype), params, self.state.params)
+        given = {id(x) for x in jax.tree.leaves(params)}
         params = jax.device_put(params, self.state_shardings.params)
-        # The step donates the params: one buffer under two names (e.g. a DPO reference set
-        # to the policy's weights) must become two.
+        # The step donates the params, so this engine must own every buffer: one buffer under
+        # two names (a DPO reference set to the policy's weights) must become two, and an
+        # array another engine holds (a PPO critic started from the actor) must be copied.
         seen: set[int] = set()
 
         def own(x):
-            if id(x) in seen:
+            if id(x) in seen or id(x) in given:
                 return jnp.copy(x)
             seen.add(id(x))
             return x
