@@ -6,7 +6,8 @@ clipped to ±`reward_clip`), and runs a score pass: the actor's and the referenc
 log-probs and the critic's values, each one compiled forward on its engine. The reward of
 a token is `-kl_coef * KL` (estimator `k1` | `k3`), plus the clipped score on the last
 generated token (DeepSpeed-Chat's `compute_rewards`); optionally whitened. GAE (`gamma`,
-`lam`) gives advantages and returns. Then `ppo_epochs` passes over `mini_batches`
+`lam`) gives advantages (whitened over the rollout, as TRL does: the step size is then
+independent of the reward's scale) and returns. Then `ppo_epochs` passes over `mini_batches`
 mini-batches of `train_batch_size` rollouts: an actor step with the clipped ratio
 (`cliprange`) and a critic step with the clipped value loss (`cliprange_value`, scaled
 by `vf_coef`), both token means over the mini-batch. Actor and critic are two engines,
@@ -131,6 +132,7 @@ class PPO:
         if s["whiten_rewards"]:
             rewards = np.asarray(losses.masked_whiten(rewards, counted, shift_mean=False))
         adv, returns = losses.gae(rewards, values, counted, gamma=s["gamma"], lam=s["lam"])
+        adv = losses.masked_whiten(adv, counted)          # as TRL: one scale whatever the reward's
         return {"counted": counted, "old_logps": logps * counted, "old_values": values,
                 "advantages": np.asarray(adv, np.float32), "returns": np.asarray(returns, np.float32),
                 "kl": float((kl.sum(axis=1)).mean())}
