@@ -10,6 +10,7 @@ step then runs the policy alone.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zerojax.config import ConfigError
 from zerojax.rlhf import common, data as rdata, losses
 
 
@@ -70,9 +72,13 @@ def collate_pairs(max_len: int, pad_id: int = 0):
 
 
 class _WithReferenceLogps:
-    """Batches plus the reference's precomputed log-probs of their pairs (by example index)."""
+    """Batches plus the reference's precomputed log-probs of their pairs (by example index).
 
-    def __init__(self, batches: rdata.ExampleBatches, ref_logps: np.ndarray):
+    The log-probs travel in the checkpoint's data state (float32 bytes, base64): a resumed
+    run gets no fresh start in which to recompute them, and they are exact this way.
+    """
+
+    def __init__(self, batches: rdata.ExampleBatches, ref_logps: np.ndarray | None):
         self.batches, self.ref_logps = batches, ref_logps          # [examples, 2]
 
     def next(self):
@@ -84,10 +90,32 @@ class _WithReferenceLogps:
         return batch
 
     def state(self):
-        return self.batches.state()
+        return {**self.batches.state(), REFERENCE_LOGPS: _encode_logps(self.ref_logps)}
 
     def restore(self, state):
+        state = dict(state)
+        encoded = state.pop(REFERENCE_LOGPS, None)
+        if encoded is None:
+            raise ConfigError("precompute_ref is set, but the checkpoint being resumed holds no precomputed "
+                              "reference log-probs (it was trained without precompute_ref); unset it or start a "
+                              "new run")
+        self.ref_logps = _decode_logps(encoded, len(self.batches.examples))
         self.batches.restore(state)
+
+
+REFERENCE_LOGPS = "reference_logps"
+
+
+def _encode_logps(logps: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(logps, np.float32).tobytes()).decode("ascii")
+
+
+def _decode_logps(text: str, examples: int) -> np.ndarray:
+    logps = np.frombuffer(base64.b64decode(text), np.float32)
+    if logps.size != 2 * examples:
+        raise ConfigError(f"the checkpoint's reference log-probs cover {logps.size // 2} pairs, the data has "
+                          f"{examples}: resume with the data it was trained on")
+    return logps.reshape(examples, 2).copy()
 
 
 def dpo(config: Any, *, steps: int | None = None, out: str | None = None, stream=None) -> dict:
