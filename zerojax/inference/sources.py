@@ -9,6 +9,7 @@ rules on a mesh whose only non-trivial axis is `tensor` (Megatron's layout).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -173,8 +174,21 @@ def reshard(params: Any, shardings: Any) -> Any:
         return jax.device_put(jax.tree.map(np.asarray, params), shardings)
     targets = {d for s in jax.tree.leaves(shardings) for d in s.device_set}
     if all(x.sharding.device_set == targets for x in leaves):
-        return jax.jit(lambda p: p, out_shardings=shardings)(params)
+        flat, treedef = jax.tree.flatten(shardings)
+        return _identity_into(treedef, tuple(flat))(params)
     return jax.device_put(params, shardings)
+
+
+# Compiled once per layout, not per call: the hybrid engine reshards before every rollout.
+@functools.lru_cache(maxsize=16)
+def _identity_into(treedef, shardings: tuple):
+    return jax.jit(lambda p: p, out_shardings=jax.tree.unflatten(treedef, list(shardings)))
+
+
+@functools.lru_cache(maxsize=16)
+def _cast_into(treedef, shardings: tuple, dtype):
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=jax.tree.unflatten(treedef, list(shardings)))
 
 
 def _concrete_rest(rest) -> dict:
@@ -190,9 +204,8 @@ def cast_params(params: Any, dtype: Any) -> Any:
     """Floating params in `dtype`, in their layout (serving weights, e.g. bf16)."""
     if dtype is None:
         return params
-    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
+    flat, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, params))
+    return _cast_into(treedef, tuple(flat), jnp.dtype(dtype))(params)
 
 
 def stored_dtype(params: Any):
