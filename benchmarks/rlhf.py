@@ -47,6 +47,9 @@ betas and eps, no weight decay), constant lr, clipping 1.0. How each column is m
 - mean len: completion tokens per completion, averaged over the steps (EOS counted).
 - load 1m: the host's 1-minute load average when the side started and ended; above the
   core count, other processes shared the cores and the times are inflated.
+- rows zerojax-z3-tp1 / -tp2: the hybrid engine's two layouts on 2 devices: training
+  ZeRO-3 over both, generation on one device (the params gathered onto it before each
+  rollout) or Megatron TP over both (`rollout_tensor_parallel` 2).
 - reward first -> last: the batch's mean digit_share at the first and the last step
   (zerojax `reward_mean`, TRL's logged `reward`); the samples differ (different RNGs),
   so only the trend compares.
@@ -164,19 +167,21 @@ def load_reward():
     return module.digit_share
 
 
-def run_zerojax_grpo(model_dir: str, steps: int) -> dict:
+def run_zerojax_grpo(model_dir: str, steps: int, devices: int = 1, stage: int = 0, rollout_tp: int = 1) -> dict:
+    """zerojax's GRPO; with 2 devices the training layout is ZeRO-3 over both and the rollout
+    generates on `rollout_tp` of them (the hybrid engine's two choices)."""
     from _devices import set_device_count
-    set_device_count(1)
+    set_device_count(devices)
     import zerojax
 
     out = tempfile.mkdtemp()
-    config = {"train_batch_size": GRPO_BATCH, "gradient_clipping": 1.0, "zero_optimization": {"stage": 0},
+    config = {"train_batch_size": GRPO_BATCH, "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
               "optimizer": {"type": "AdamW", "params": {"lr": GRPO_LR, "betas": [0.9, 0.999], "eps": 1e-8,
                                                         "weight_decay": 0.0}},
               "zerojax": {"model": {"init_from": model_dir},
                           "rlhf": {"data": PROMPTS, "num_generations": GENERATIONS, "max_prompt_len": 64,
                                    "max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "beta": 0.0,
-                                   "loss_type": "dapo"},
+                                   "loss_type": "dapo", "rollout_tensor_parallel": rollout_tp},
                           "train": {"steps": steps, "log_every": 1, "checkpoint_every": 0, "out": out}}}
     zerojax.rlhf.grpo(config, out=out, stream=open(os.devnull, "w"), reward_fn=load_reward())
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
@@ -242,7 +247,10 @@ def run_trl_grpo(model_dir: str, steps: int) -> dict:
 
 
 RUNNERS = {("dpo", "zerojax"): run_zerojax, ("dpo", "trl"): run_trl,
-           ("grpo", "zerojax"): run_zerojax_grpo, ("grpo", "trl"): run_trl_grpo}
+           ("grpo", "zerojax"): run_zerojax_grpo, ("grpo", "trl"): run_trl_grpo,
+           ("grpo", "zerojax-z3-tp1"): lambda d, n: run_zerojax_grpo(d, n, devices=2, stage=3, rollout_tp=1),
+           ("grpo", "zerojax-z3-tp2"): lambda d, n: run_zerojax_grpo(d, n, devices=2, stage=3, rollout_tp=2)}
+SIDES = {"dpo": ("trl", "zerojax"), "grpo": ("trl", "zerojax", "zerojax-z3-tp1", "zerojax-z3-tp2")}
 
 
 def side(algorithm: str, name: str, model_dir: str, steps: int) -> None:
@@ -261,7 +269,7 @@ def run_sides(algorithm: str, steps: int) -> dict | None:
             make_model_dir(tmp)
         else:
             make_model_dir(tmp, PROMPTS, extra_chars="0123456789", vocab_size=None)
-        for name in ("trl", "zerojax"):
+        for name in SIDES[algorithm]:
             run = subprocess.run([sys.executable, __file__, "--algorithm", algorithm, "--side", name, "--model-dir",
                                   tmp, "--steps", str(steps)], capture_output=True, text=True, cwd=HERE)
             lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
@@ -297,17 +305,17 @@ def report_grpo(results: dict, steps: int) -> None:
     print(f"GRPO, {GRPO_BATCH} completions/step ({GRPO_BATCH // GENERATIONS} prompts x {GENERATIONS}), "
           f"max_new_tokens {NEW_TOKENS}, loss dapo, beta 0, lr {GRPO_LR:g}, fp32, {THREADS} threads, {steps} steps "
           f"(medians after the 1st); {versions()}")
-    print(f"{'who':10s} {'step s':>7s} {'gen s':>7s} {'train s':>8s} {'compl/s':>8s} {'vs TRL':>7s} "
+    print(f"{'who':14s} {'step s':>7s} {'gen s':>7s} {'train s':>8s} {'compl/s':>8s} {'vs TRL':>7s} "
           f"{'gen vs TRL':>10s} {'1st step s':>10s} {'peak RSS MiB':>12s} {'mean len':>8s} {'load 1m':>9s}  "
           f"reward first -> last")
     base = None
-    for name in ("trl", "zerojax"):
+    for name in SIDES["grpo"]:
         r = results[name]
         step, gen, train = (statistics.median(r[k][1:]) for k in ("step_times", "generation", "training"))
         rate = GRPO_BATCH / step
         base = base or (rate, gen)
         length = statistics.mean(r["lengths"]) if r["lengths"] else float("nan")
-        print(f"{name:10s} {step:7.3f} {gen:7.3f} {train:8.3f} {rate:8.1f} {rate / base[0]:6.2f}x "
+        print(f"{name:14s} {step:7.3f} {gen:7.3f} {train:8.3f} {rate:8.1f} {rate / base[0]:6.2f}x "
               f"{base[1] / gen:9.2f}x {r['step_times'][0]:10.2f} {r['peak_rss_mib']:12.0f} {length:8.1f} "
               f"{r['load'][0]:4.1f}-{r['load'][1]:<4.1f}  "
               f"{r['rewards'][0]:.3f} -> {r['rewards'][-1]:.3f}")
@@ -317,7 +325,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algorithm", choices=["dpo", "grpo", "all"], default="all")
     parser.add_argument("--steps", type=int, help="steps per side (default: DPO 30, GRPO 12)")
-    parser.add_argument("--side", choices=["zerojax", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=sorted({name for names in SIDES.values() for name in names}),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:

@@ -25,10 +25,10 @@ STEPS = 12
 def ppo_config(out: str, **rlhf) -> dict:
     return {"train_batch_size": 16, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.0}},
-            "zerojax": {"model": dict(MODEL),
+            "zerojax": {"model": dict(MODEL), "mesh": {"data": 1},
                         "rlhf": {"data": os.path.join(ROOT, "configs", "rlhf", "prompts.jsonl"),
                                  "reward_fn": os.path.join(ROOT, "examples", "rlhf_rewards.py") + ":digit_share",
-                                 "reward_weights": [10.0], "max_prompt_len": 20, "max_new_tokens": 12,
+                                 "reward_weights": [10.0], "max_prompt_len": 48, "max_new_tokens": 12,
                                  "kl_coef": 0.05, "ema": 0.9, **rlhf},
                         "train": {"steps": STEPS, "log_every": 1, "checkpoint_every": 6, "out": out}}}
 
@@ -110,12 +110,15 @@ def test_a_reward_model_scores_completions_and_seeds_the_critic(tmp_path):
                  jax.device_get(engine.state.params))                # the critic starts as the reward model
 
 
-def _critic_engine(devices, stage: int, mesh: dict | None = None):
+def _critic_engine(devices, stage: int, mesh: dict | None = None, model=None):
     from zerojax.rlhf.ppo import Critic
 
     cfg = LlamaConfig(**{k: v for k, v in MODEL.items() if k != "type"})
-    config = {"train_batch_size": 8, "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+    config = {"train_batch_size": 8, "gradient_clipping": 1.0,
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zerojax": {"mesh": mesh or {}}}
+    if model is not None:       # the same weights in another layout, without another init program
+        return zerojax.initialize(model=model, config=config, devices=devices)
     return zerojax.initialize(model_fn=lambda r: Critic(Llama(cfg, rngs=r), rngs=r, clip=0.2, vf_coef=0.1),
                               config=config, devices=devices)
 
@@ -130,8 +133,10 @@ def test_critic_step_under_zero3_and_tensor_parallel_equals_one_device():
                 "old_values": (rng.standard_normal((8, 32)) * mask).astype(np.float32),
                 "returns": (rng.standard_normal((8, 32)) * mask).astype(np.float32),
                 "weights": mask * 8 / mask.sum()} for i in range(2)]
-    runs = {"one device": _critic_engine(jax.devices()[:1], 0),
-            "zero3 + tensor 2": _critic_engine(None, 3, {"tensor": 2})}
+    one = _critic_engine(jax.devices()[:1], 0)
+    runs = {"one device": one, "zero3 + tensor 2": _critic_engine(None, 3, {"tensor": 2}, model=one.model())}
+    assert all(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(runs["zero3 + tensor 2"].params["base"]["layers"]))
     results = {name: ([float(e.train_step(b)["loss"]) for b in batches], jax.device_get(e.params))
                for name, e in runs.items()}
     base_losses, base_params = results["one device"]

@@ -74,7 +74,7 @@ class InferenceEngine:
     def __init__(self, loaded: sources.Loaded, *, page_size: int | None = None, num_pages: int | None = None,
                  token_budget: int | None = None, max_seqs: int | None = None, max_context: int | None = None,
                  dtype: Any = None, prefix_caching: bool = True, kernels: str = "auto", max_logprobs: int = 20,
-                 keep_logits: bool = False, warmup: bool = True):
+                 keep_logits: bool = False, warmup: bool = True, smallest_bucket: int = 1):
         self.tokenizer = loaded.tokenizer
         self.geometry = geometry = loaded.module.kv_geometry()
         self.page_size = _positive("page_size", page_size, DEFAULT_PAGE_SIZE)
@@ -99,7 +99,8 @@ class InferenceEngine:
         self.scheduler = Scheduler(self.pool, max_seqs=self.max_seqs, token_budget=self.token_budget)
         self.runner = Runner(loaded.graphdef, params, loaded.rest, policy, geometry, num_pages=self.num_pages,
                              page_size=self.page_size, max_seqs=self.max_seqs, token_budget=self.token_budget,
-                             max_context=self.max_context, num_logprobs=max_logprobs, keep_logits=keep_logits)
+                             max_context=self.max_context, num_logprobs=max_logprobs, keep_logits=keep_logits,
+                             smallest_bucket=smallest_bucket)
         self.max_logprobs = self.runner.num_logprobs
         self.requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()

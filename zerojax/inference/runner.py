@@ -59,7 +59,7 @@ class Runner:
     def __init__(self, graphdef, params, rest, policy: compute.ComputePolicy, geometry, *, num_pages: int,
                  page_size: int, max_seqs: int, token_budget: int, max_context: int, query_block: int = 16,
                  max_prefill_chunks: int = 4, num_logprobs: int = 20, pages_per_iter: int | None = None,
-                 keep_logits: bool = False):
+                 keep_logits: bool = False, smallest_bucket: int = 1):
         self.graphdef, self.params, self.rest, self.policy = graphdef, params, rest, policy
         self.geometry, self.page_size, self.max_seqs = geometry, page_size, max_seqs
         self.query_block, self.max_chunks = query_block, max_prefill_chunks
@@ -76,7 +76,7 @@ class Runner:
                         out_shardings=(self.replicated, self.replicated))
         self.counts, self.seen = state()
         self.tables = np.zeros((max_seqs, self.pages_per_seq), np.int32)
-        self.buckets = [self._bucket(t) for t in token_buckets(token_budget)]
+        self.buckets = [self._bucket(t) for t in token_buckets(token_budget, min(smallest_bucket, token_budget))]
         self._step = jax.jit(self._forward, donate_argnums=(2, 3, 4), static_argnums=(6,),
                              out_shardings=(self.cache_sharding, self.replicated, self.replicated, self.replicated))
         self.executables: dict[int, Any] = {}

@@ -47,10 +47,13 @@ class Rollout:
         loaded = dataclasses.replace(loaded, tokenizer=tokenizer)
         context = max_prompt_len + max_new_tokens
         max_seqs = max(1, min(max_seqs, 64))
+        # Few step shapes: a rollout decodes all its rows together, so the smallest bucket
+        # holds them all (a batch thinned by EOS pads, which costs less than compiling), and
+        # prompts prefill in chunks of a budget of 4 tokens a row (at least 64).
         self.inference = InferenceEngine(
             loaded, page_size=PAGE_SIZE, num_pages=max_seqs * pages_for(context, PAGE_SIZE) + 1,
-            token_budget=max(64, min(512, max_seqs * 8)), max_seqs=max_seqs, max_context=context,
-            dtype=engine.compute_dtype, prefix_caching=True, max_logprobs=1)
+            token_budget=max(64, max_seqs * 4), max_seqs=max_seqs, max_context=context,
+            dtype=engine.compute_dtype, prefix_caching=True, max_logprobs=1, smallest_bucket=max_seqs)
         self.sampling = SamplingParams.create(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                               stop=list(stop), logprobs=0)
 
