@@ -143,3 +143,24 @@ def test_critic_step_under_zero3_and_tensor_parallel_equals_one_device():
     losses, params = results["zero3 + tensor 2"]
     np.testing.assert_allclose(losses, base_losses, atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, base_params)
+
+
+def test_later_updates_use_the_rollouts_log_probs_and_the_first_its_own_forward():
+    from flax import nnx
+    from zerojax.rlhf import online
+
+    cfg = LlamaConfig(**{k: v for k, v in MODEL.items() if k != "type"})
+    actor = online.Actor(Llama(cfg, rngs=nnx.Rngs(0)), objective="ppo", temperature=0.7, clip_low=0.2)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 256, (4, 16)).astype(np.int32)
+    mask = np.zeros((4, 16), np.float32)
+    mask[:, 6:15] = 1
+    logps = np.asarray(actor.score({"input_ids": ids})["logps"])
+    shifted = logps - 0.5 * mask                    # "old" log-probs of a policy that has since moved
+    batch = {"input_ids": ids, "old_logps": shifted, "advantages": np.ones_like(mask),
+             "weights": mask * 4 / mask.sum()}
+    _, first = actor({**batch, "old_is_current": np.ones(4, np.float32)})
+    _, later = actor({**batch, "old_is_current": np.zeros(4, np.float32)})
+    assert float(first["ratio_mean"]) == 1.0 and float(first["clip_fraction"]) == 0.0
+    np.testing.assert_allclose(float(later["ratio_mean"]), np.exp(0.5), rtol=1e-5)
+    assert float(later["clip_fraction"]) == 1.0      # e^0.5 > 1.2 with positive advantages: all clipped
