@@ -1,12 +1,11 @@
-"""RLHF: the losses against hand-written formulas, the data files (errors, cuts, epochs),
-and SFT end to end on the shipped toy data (the model's own loss is the masked SFT loss)."""
+"""RLHF: the losses against hand-written formulas, the data files (errors, cuts, epochs, EOS),
+SFT, DPO and the reward model end to end on the shipped toy data, DPO across layouts and in
+bf16, resume, and the reward model's export to Hugging Face (Llama and GPT-2)."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,8 @@ import pytest
 from flax import nnx
 
 import zerojax
-from zerojax.config import ConfigError
+from zerojax import cli
+from zerojax.config import Config, ConfigError
 from zerojax.inference.tokenizer import ByteTokenizer
 from zerojax.models import Llama, LlamaConfig
 from zerojax.rlhf import data as rdata, losses
@@ -145,6 +145,40 @@ def test_cuts_drops_and_messages_are_counted(tmp_path):
         rdata.preference_pairs(only_same, ByteTokenizer(), max_prompt_len=8, max_len=16)
 
 
+def _char_tokenizer_dir(directory, text: str) -> str:
+    """A HF `tokenizer.json` of one token per character (pad 0, EOS "</s>" 1), as a model directory has."""
+    import tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(sorted(set(text)))}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("[\\s\\S]"), "isolated")
+    directory.mkdir()
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    return str(directory)
+
+
+def test_responses_end_with_the_tokenizers_eos_and_the_byte_tokenizer_appends_nothing(tmp_path):
+    from zerojax.inference.tokenizer import HFTokenizer
+
+    sft = _write(tmp_path, [{"prompt": "ab", "response": "cd"}, {"prompt": "ab", "response": "cdcdc"},
+                            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "dc"}]}])
+    pairs = _write(tmp_path, [{"prompt": "ab", "chosen": "cd", "rejected": "dc"}], "pairs.jsonl")
+    hf = HFTokenizer(_char_tokenizer_dir(tmp_path / "tok", "abcd user:\nassistant"))
+    eos = hf.eos_token_ids[0]
+    assert eos == 1
+    examples, report = rdata.sft_examples(sft, hf, max_prompt_len=4, max_len=7)
+    assert examples[0] == (hf.encode("ab"), hf.encode("cd") + [eos])
+    assert examples[1][1] == hf.encode("cdcdc") and report.responses_cut == 1     # EOS counts against max_len
+    assert examples[2][1] == hf.encode("dc") + [eos]
+    (prompt, chosen, rejected), = rdata.preference_pairs(pairs, hf, max_prompt_len=4, max_len=7)[0]
+    assert (chosen, rejected) == (hf.encode("cd") + [eos], hf.encode("dc") + [eos])
+
+    assert rdata.sft_examples(sft, ByteTokenizer(), max_prompt_len=4, max_len=7)[0][0] == (list(b"ab"), list(b"cd"))
+    (_, chosen, rejected), = rdata.preference_pairs(pairs, ByteTokenizer(), max_prompt_len=4, max_len=7)[0]
+    assert (chosen, rejected) == (list(b"cd"), list(b"dc"))
+
+
 def test_batches_cover_every_example_each_epoch_and_resume():
     examples = list(range(10))
     batches = rdata.ExampleBatches(examples, 4, lambda rows: {"x": np.array(rows)}, seed=3,
@@ -169,6 +203,7 @@ def test_settings_reject_another_algorithms_key_and_bad_lengths():
 
 
 # ---------------------------------------------------------------- SFT end to end
+@pytest.mark.slow
 def test_sft_on_the_toy_data_lowers_the_response_loss(tmp_path):
     config = json.load(open(SFT_CONFIG))
     config["zerojax"]["rlhf"]["data"] = os.path.join(ROOT, "configs", "rlhf", "sft.jsonl")
@@ -179,18 +214,18 @@ def test_sft_on_the_toy_data_lowers_the_response_loss(tmp_path):
     assert summary["steps"] == 30 and losses_[-1] < 0.5 * losses_[0], losses_
     assert summary["data"]["examples"] == 256
     from zerojax import inference                            # the result is a normal checkpoint
-    pipe = inference.pipeline(str(tmp_path / "sft"), token_budget=16, max_seqs=2, num_pages=16, page_size=16)
-    reply = pipe(["User: Please feed the cat.\nBot:"], max_new_tokens=12, temperature=0.0)[0].generated_text
+    pipe = inference.pipeline(str(tmp_path / "sft"), token_budget=32, max_seqs=1, num_pages=16, page_size=16,
+                              warmup=False)                 # compile only the step shapes this reply uses
+    reply = pipe(["User: Please feed the cat.\nBot:"], max_new_tokens=1, temperature=0.0)[0].generated_text
     assert reply.startswith(" "), reply                     # learnt the replies' leading space at least
 
 
-def test_rlhf_cli_bad_data_exits_2_with_the_line(tmp_path):
+def test_rlhf_cli_bad_data_exits_2_with_the_line(tmp_path, capsys):
     bad = _write(tmp_path, [{"prompt": "a", "response": "b"}, "{oops"])
-    run = subprocess.run([sys.executable, "-m", "zerojax.cli", "rlhf", "sft", SFT_CONFIG, "--out",
-                          str(tmp_path / "o"), "--set", f"zerojax.rlhf.data={bad}"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert run.returncode == 2, run.stderr
-    assert f"{bad}:2: not valid JSON" in run.stderr
+    code = cli.main(["rlhf", "sft", SFT_CONFIG, "--out", str(tmp_path / "o"), "--set", f"zerojax.rlhf.data={bad}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{bad}:2: not valid JSON" in err
     assert not os.path.exists(tmp_path / "o" / "latest")
 
 
@@ -209,66 +244,109 @@ def pair_batches():
     return [batches.next() for _ in range(3)]
 
 
-def _dpo_engine(devices, stage: int, mesh: dict | None = None):
+@pytest.fixture(scope="module")
+def dpo_model():
+    """One policy/reference pair every layout starts from, built once on the host: each engine
+    then only places it (no init program to compile per layout)."""
     from zerojax.rlhf.dpo import PolicyAndReference
 
-    def model_fn(rngs):
-        policy = Llama(DPO_MODEL, rngs=rngs)
-        return PolicyAndReference(policy, nnx.clone(policy), beta=0.2)
+    policy = Llama(DPO_MODEL, rngs=nnx.Rngs(0))
+    return PolicyAndReference(policy, nnx.clone(policy), beta=0.2)
 
+
+def _dpo_engine(model, devices, stage: int, mesh: dict | None = None, bf16: bool = False):
     config = {"train_batch_size": 8, "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
-              "zerojax": {"mesh": mesh or {}}}
-    return zerojax.initialize(model_fn=model_fn, config=config, devices=devices)
+              "bf16": {"enabled": bf16}, "zerojax": {"mesh": mesh or {}}}
+    return zerojax.initialize(model, config, devices=devices)
 
 
-def test_dpo_step_is_the_formula_on_policy_and_reference_logps(pair_batches):
-    engine = _dpo_engine(jax.devices()[:1], 0)
+def _train(engine, batches) -> dict:
+    """Params before and after, and the loss of each step."""
+    start = jax.device_get(engine.params)
+    got = [float(engine.train_step(b)["loss"]) for b in batches]
+    return {"start": start, "losses": got, "params": jax.device_get(engine.params)}
+
+
+@nnx.jit
+def _both_logps(model, ids, mask):
+    """The policy's and the reference's response log-probs, in one compiled program."""
+    return (losses.response_logps(model.policy.logits(ids), ids, mask),
+            losses.response_logps(model.reference.logits(ids), ids, mask))
+
+
+@pytest.fixture(scope="module")
+def one_device_dpo(dpo_model, pair_batches):
+    """The single-device run every layout is compared with, plus its first step's log-probs."""
+    engine = _dpo_engine(dpo_model, jax.devices()[:1], 0)
     policy = engine.params["policy"]
     engine.set_params({"policy": policy, "reference": policy})     # one buffer, two names: still steps
     batch = pair_batches[0]
-    model = engine.model()
     ids = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
     mask = np.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    logps = np.asarray(losses.response_logps(model.policy.logits(ids), ids, mask))
-    ref = np.asarray(losses.response_logps(model.reference.logits(ids), ids, mask))
+    logps, ref = jax.device_get(_both_logps(engine.model(), ids, mask))
+    first = engine.train_step(batch)
+    run = _train(engine, pair_batches[1:])
+    run["losses"].insert(0, float(first["loss"]))
+    return {**run, "logps": logps, "ref": ref, "first_metrics": jax.device_get(first)}
+
+
+@pytest.mark.slow
+def test_dpo_step_is_the_formula_on_policy_and_reference_logps(one_device_dpo):
+    logps, ref, metrics = one_device_dpo["logps"], one_device_dpo["ref"], one_device_dpo["first_metrics"]
     np.testing.assert_array_equal(logps, ref)                 # the reference starts as the policy
     h = (logps[:8] - ref[:8]) - (logps[8:] - ref[8:])
-    metrics = engine.train_step(batch)
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(np.log1p(np.exp(-0.2 * h))), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["logps/chosen"]), logps[:8].mean(), rtol=1e-5)
 
 
-def test_dpo_under_zero3_and_tensor_parallel_equals_one_device_and_the_reference_never_moves(pair_batches):
-    runs = {"one device": _dpo_engine(jax.devices()[:1], 0), "zero3 x8": _dpo_engine(None, 3),
-            "tensor 2, zero1": _dpo_engine(None, 1, {"tensor": 2})}
-    start = jax.device_get(runs["one device"].params)
-    results = {}
-    for name, engine in runs.items():
-        got = [float(engine.train_step(b)["loss"]) for b in pair_batches]
-        results[name] = (got, jax.device_get(engine.params))
-    base_losses, base_params = results["one device"]
-    for name, (got, params) in results.items():
-        np.testing.assert_allclose(got, base_losses, rtol=1e-4, atol=1e-5, err_msg=name)
+def _assert_reference_bitwise_and_policy_trained(run, name):
+    jax.tree.map(np.testing.assert_array_equal, run["params"]["reference"], run["start"]["reference"])
+    change = lambda a, b: np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()
+    assert max(jax.tree.leaves(jax.tree.map(change, run["params"]["policy"], run["start"]["policy"]))) > 1e-4, name
+
+
+@pytest.mark.slow
+def test_dpo_under_zero3_and_tensor_parallel_equals_one_device_and_the_reference_never_moves(
+        dpo_model, pair_batches, one_device_dpo):
+    base = one_device_dpo
+    _assert_reference_bitwise_and_policy_trained(base, "one device")
+    for name, engine in [("zero3 x8", _dpo_engine(dpo_model, None, 3)),
+                         ("tensor 2, zero1", _dpo_engine(dpo_model, None, 1, {"tensor": 2}))]:
+        run = _train(engine, pair_batches)
+        np.testing.assert_allclose(run["losses"], base["losses"], rtol=1e-4, atol=1e-5, err_msg=name)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name),
-                     params["policy"], base_params["policy"])
-        jax.tree.map(np.testing.assert_array_equal, params["reference"], start["reference"])   # bitwise
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), base_params["policy"], start["policy"]))
-    assert max(moved) > 1e-4                                    # the policy did train
-    assert len(jax.tree.leaves(runs["zero3 x8"].state.opt_state)) < 2 * len(jax.tree.leaves(start))  # policy only
+                     run["params"]["policy"], base["params"]["policy"])
+        jax.tree.map(np.testing.assert_array_equal, run["start"]["reference"], base["start"]["reference"])
+        _assert_reference_bitwise_and_policy_trained(run, name)
+        if name == "zero3 x8":                                  # optimizer state for the policy only
+            assert len(jax.tree.leaves(engine.state.opt_state)) < 2 * len(jax.tree.leaves(run["start"]))
 
 
-def test_dpo_on_the_toy_data_prefers_chosen_and_precomputed_reference_agrees(tmp_path):
+@pytest.mark.slow
+def test_dpo_in_bf16_under_zero3_equals_bf16_on_one_device(dpo_model, pair_batches):
+    one = _train(_dpo_engine(dpo_model, jax.devices()[:1], 0, bf16=True), pair_batches)
+    zero3 = _train(_dpo_engine(dpo_model, None, 3, bf16=True), pair_batches)
+    np.testing.assert_allclose(zero3["losses"], one["losses"], rtol=0, atol=1e-3)
+    assert one["losses"][-1] < one["losses"][0]                 # bf16 steps do train
+    for name, run in [("bf16 one device", one), ("bf16 zero3 x8", zero3)]:
+        _assert_reference_bitwise_and_policy_trained(run, name)
+
+
+@pytest.mark.slow
+def test_dpo_on_the_toy_data_prefers_chosen_and_precomputed_reference_agrees_and_resumes(tmp_path):
     config = json.load(open(DPO_CONFIG))
     config["zerojax"]["rlhf"]["data"] = os.path.join(ROOT, "configs", "rlhf", "pairs.jsonl")
-    config["zerojax"]["train"].update(steps=15, log_every=1, checkpoint_every=0)
+    config["zerojax"]["train"].update(steps=6, log_every=1, checkpoint_every=0)
     zerojax.rlhf.dpo(config, out=str(tmp_path / "a"))
     config["zerojax"]["rlhf"]["precompute_ref"] = True
-    config["zerojax"]["train"]["steps"] = 3
-    zerojax.rlhf.dpo(config, out=str(tmp_path / "b"))
+    zerojax.rlhf.dpo(config, steps=2, out=str(tmp_path / "b"))
+    # Resumed: the data position, optimizer and precomputed reference log-probs come from the checkpoint.
+    assert zerojax.rlhf.dpo(config, steps=3, out=str(tmp_path / "b"))["steps"] == 3
     read = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
     a, b = read("a"), read("b")
     assert a[-1]["rewards/accuracies"] > 0.9 and a[-1]["rewards/margins"] > a[0]["rewards/margins"]
+    assert [r["step"] for r in b] == [1, 2, 3]
     for x, y in zip(a[:3], b):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5, abs_tol=1e-6), (x["loss"], y["loss"])
 
@@ -279,44 +357,58 @@ def test_dpo_on_the_toy_data_prefers_chosen_and_precomputed_reference_agrees(tmp
     policy = checkpoint.read_param(root, tag, "policy.embed_tokens", [256, 64], "float32")
     reference = checkpoint.read_param(root, tag, "reference.embed_tokens", [256, 64], "float32")
     assert np.abs(policy - reference).max() > 1e-4
-    run = subprocess.run([sys.executable, "-m", "zerojax.cli", "export", root, str(tmp_path / "hf"), "--hf"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert cli.main(["export", root, str(tmp_path / "hf"), "--hf"]) == 0
     from safetensors.numpy import load_file
     np.testing.assert_array_equal(load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"],
                                   policy)
 
 
 # ---------------------------------------------------------------- reward model
-def test_reward_model_learns_the_preference_and_exports_to_hf_sequence_classification(tmp_path):
+def _assert_hf_scores_equal_ours(hf_dir, architecture: str, model) -> None:
+    """The exported classifier's logit is our reward model's score, on right-padded rows of several lengths."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    assert type(hf).__name__ == architecture and hf.config.num_labels == 1
+    pairs, _ = rdata.preference_pairs(os.path.join(ROOT, "configs", "rlhf", "pairs.jsonl"), ByteTokenizer(),
+                                      max_prompt_len=64, max_len=128)
+    ids, lengths = (rdata.pad_sequences([p for p, _, _ in pairs[:4]], [c for _, c, _ in pairs[:4]], 128)[k]
+                    for k in ("input_ids", "lengths"))
+    assert len(set(lengths.tolist())) > 1                     # the score is read at different positions
+    ours = np.asarray(nnx.jit(lambda m, ids, n: m.scores(ids, n))(model, ids, lengths))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids, dtype=torch.long)).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_reward_model_learns_the_preference_and_exports_to_hf_sequence_classification(tmp_path):
     from zerojax.rlhf import RewardModel
-    from zerojax.rlhf.reward import collate_scored_pairs
+    from zerojax.trainer import model_fn_from_config
 
     config = json.load(open(os.path.join(ROOT, "configs", "rlhf", "reward.json")))
     config["zerojax"]["rlhf"]["data"] = os.path.join(ROOT, "configs", "rlhf", "pairs.jsonl")
-    config["zerojax"]["train"].update(steps=25, log_every=5, checkpoint_every=0)
+    config["zerojax"]["train"].update(steps=10, log_every=5, checkpoint_every=0)
     zerojax.rlhf.reward(config, out=str(tmp_path / "rm"))
     records = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl") if '"loss"' in line]
     assert records[-1]["accuracy"] > 0.9 and records[-1]["margin"] > records[0]["margin"], records[-1]
 
-    run = subprocess.run([sys.executable, "-m", "zerojax.cli", "export", str(tmp_path / "rm"), str(tmp_path / "hf"),
-                          "--hf"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
-
-    pairs, _ = rdata.preference_pairs(os.path.join(ROOT, "configs", "rlhf", "pairs.jsonl"), ByteTokenizer(),
-                                      max_prompt_len=64, max_len=128)
-    batch = collate_scored_pairs(128)(pairs[:4])
-    engine = zerojax.initialize(model_fn=lambda r: RewardModel(Llama(LlamaConfig(**{
-        k: v for k, v in config["zerojax"]["model"].items() if k != "type"}), rngs=r), rngs=r),
-        config={"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
-        devices=jax.devices()[:1])
+    assert cli.main(["export", str(tmp_path / "rm"), str(tmp_path / "hf"), "--hf"]) == 0
+    base_fn, _ = model_fn_from_config(Config.load(config))   # the run's model and config: its init program is reused
+    engine = zerojax.initialize(model_fn=lambda rngs: RewardModel(base_fn(rngs), rngs=rngs), config=config)
     engine.load_checkpoint(str(tmp_path / "rm"), load_module_only=True)
-    ours = np.asarray(jax.jit(lambda ids, n: engine.model().scores(ids, n))(batch["chosen_ids"],
-                                                                            batch["chosen_lengths"]))
-    with torch.no_grad():
-        theirs = hf(torch.tensor(batch["chosen_ids"], dtype=torch.long)).logits[:, 0].numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    _assert_hf_scores_equal_ours(tmp_path / "hf", "LlamaForSequenceClassification", engine.model())
+
+
+def test_a_gpt2_reward_model_exports_to_hf_gpt2_for_sequence_classification(tmp_path):
+    from zerojax.models import GPT2, GPT2Config
+    from zerojax.rlhf import RewardModel
+
+    cfg = GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    rngs = nnx.Rngs(0)
+    engine = zerojax.initialize(RewardModel(GPT2(cfg, rngs=rngs), rngs=rngs),        # random init: no training
+                                {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+                                devices=jax.devices()[:1])
+    engine.save_checkpoint(str(tmp_path / "rm"))
+    assert cli.main(["export", str(tmp_path / "rm"), str(tmp_path / "hf"), "--hf"]) == 0
+    _assert_hf_scores_equal_ours(tmp_path / "hf", "GPT2ForSequenceClassification", engine.model())
