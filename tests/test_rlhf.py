@@ -255,7 +255,10 @@ def dpo_model():
 
 
 def _dpo_engine(model, devices, stage: int, mesh: dict | None = None, bf16: bool = False):
-    config = {"train_batch_size": 8, "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+    # Threshold 0: the tiny model's params are below DeepSpeed's default persistence
+    # threshold and would otherwise stay whole on every device under ZeRO-3.
+    config = {"train_batch_size": 8, "gradient_clipping": 1.0,
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
               "bf16": {"enabled": bf16}, "zerojax": {"mesh": mesh or {}}}
     return zerojax.initialize(model, config, devices=devices)
@@ -321,6 +324,8 @@ def test_dpo_under_zero3_and_tensor_parallel_equals_one_device_and_the_reference
         _assert_reference_bitwise_and_policy_trained(run, name)
         if name == "zero3 x8":                                  # optimizer state for the policy only
             assert len(jax.tree.leaves(engine.state.opt_state)) < 2 * len(jax.tree.leaves(run["start"]))
+            for subtree in ("policy", "reference"):               # both really sharded over the 8 devices
+                assert all(not x.sharding.is_fully_replicated for x in jax.tree.leaves(engine.params[subtree]))
 
 
 @pytest.mark.slow
