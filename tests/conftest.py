@@ -1,8 +1,12 @@
 """Every test sees 8 CPU devices; set before jax is imported anywhere."""
 import os
 
+# Backend optimisation level 0: LLVM spends about half the compile time of these tiny
+# programs optimising code that then runs for milliseconds; the HLO (sharding, fusion,
+# buffer assignment, so memory_analysis and collectives) is the same at any level.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil
