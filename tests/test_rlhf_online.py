@@ -27,7 +27,7 @@ import zerojax
 import zerojax.engine
 from zerojax import checkpoint
 from zerojax.config import ConfigError
-from zerojax.rlhf import common, online, rewards, rollout as rollout_lib
+from zerojax.rlhf import common, losses, online, rewards, rollout as rollout_lib
 from zerojax.rlhf import data as rdata
 
 grpo_lib = importlib.import_module("zerojax.rlhf.grpo")     # zerojax.rlhf.grpo is also the function
@@ -88,6 +88,23 @@ def response_positions(batch) -> np.ndarray:
     """[B, L] bool: position t predicts a generated token (completion_mask at t + 1)."""
     mask = batch["completion_mask"]
     return np.concatenate([mask[:, 1:], np.zeros_like(mask[:, :1])], axis=1).astype(bool)
+
+
+# =============================================================== rollout batches
+def test_a_completion_batch_counts_generated_tokens_up_to_eos_and_nothing_after():
+    eos = 1
+    done = [rollout_lib.Completion([10, 11, 12], [20, 21, eos], [-0.5, -0.25, -0.125], "ab", "stop"),
+            rollout_lib.Completion([13], [22, 23, 24, 25], [-1.0, -2.0, -3.0, -4.0], "cdef", "length")]
+    length = rollout_lib.padded_length(done, 64, multiple=8)
+    batch = rollout_lib.completion_batch(done, length, pad_id=0)
+    assert length == 8 and batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, eos, 0, 0],
+                                                          [13, 22, 23, 24, 25, 0, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0]]
+    # Each generated token's rollout log-prob sits where the trainer predicts it (HF shift).
+    counted = np.asarray(losses.predicts_response(batch["completion_mask"]))
+    assert counted.tolist() == [[0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]]
+    np.testing.assert_array_equal(batch["rollout_logps"][counted > 0], [-0.5, -0.25, -0.125, -1, -2, -3, -4])
+    assert not batch["rollout_logps"][counted == 0].any()
 
 
 # =============================================================== GRPO
