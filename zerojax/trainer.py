@@ -78,7 +78,7 @@ def load_model_params(engine: Engine, source: str, subtree: str | None = None) -
     return checkpoint.from_nested(like, restored)
 
 
-class _StopRequest:
+class StopRequest:
     """SIGINT/SIGTERM ask the loop to stop after the current step (and save)."""
 
     def __init__(self):
@@ -176,9 +176,7 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
         _init_weights(engine, init_from)
 
     primary = jax.process_index() == 0
-    monitor = Monitor(out, total_steps=steps, start_step=start, steps_per_print=config.steps_per_print,
-                      tensorboard=_enabled(config.tensorboard), csv_monitor=_enabled(config.csv_monitor),
-                      primary=primary, stream=stream)
+    monitor = make_monitor(config, out, steps=steps, start=start, primary=primary, stream=stream)
     if start:
         monitor.message(f"resumed from {out} at step {start}")
     if start >= steps:
@@ -194,7 +192,7 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
     flops, peak = None, peak_flops(engine.mesh.devices.flat)
     step, last_saved, last_loss, best_eval, t_run = start, None, math.nan, math.inf, time.perf_counter()
     measured = []
-    stop = _StopRequest()
+    stop = StopRequest()
     with stop.installed():
         while step < steps:
             batch = next(data_iter) if not hasattr(data_iter, "next") else data_iter.next()
@@ -245,6 +243,13 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
         summary["stopped_early"] = True
     monitor.close(summary)
     return summary
+
+
+def make_monitor(config: Config, out: str, *, steps: int, start: int, primary: bool = True, stream=None) -> Monitor:
+    """The run's progress bar / lines, metrics.jsonl, loss curve and the config's monitors."""
+    return Monitor(out, total_steps=steps, start_step=start, steps_per_print=config.steps_per_print,
+                   tensorboard=_enabled(config.tensorboard), csv_monitor=_enabled(config.csv_monitor),
+                   primary=primary, stream=stream)
 
 
 def _enabled(section) -> dict | None:

@@ -81,3 +81,11 @@ def train(run: Run, batches, report, *, model_fn=None, steps=None, out=None, str
     summary["data"] = dataclasses.asdict(report)
     return summary
 
+
+def policy_model_section(policy) -> dict | None:
+    """A wrapper's checkpoint `model` entry naming its `policy` subtree as the model, so the
+    checkpoint is served, exported and `init_from`-ed as the policy (DPO, PPO, GRPO)."""
+    cfg = getattr(policy, "cfg", None)
+    if not dataclasses.is_dataclass(cfg):
+        return None
+    return {"type": type(policy).__name__.lower(), **dataclasses.asdict(cfg), "params_under": "policy"}

@@ -11,7 +11,6 @@ step then runs the policy alone.
 from __future__ import annotations
 
 import base64
-import dataclasses
 from typing import Any
 
 import jax
@@ -35,10 +34,7 @@ class PolicyAndReference(nnx.Module):
     @property
     def zerojax_model_section(self) -> dict | None:
         """The checkpoint is the policy's: served, exported and `init_from`-ed as the model."""
-        cfg = getattr(self.policy, "cfg", None)
-        if not dataclasses.is_dataclass(cfg):
-            return None
-        return {"type": type(self.policy).__name__.lower(), **dataclasses.asdict(cfg), "params_under": "policy"}
+        return common.policy_model_section(self.policy)
 
     @staticmethod
     def _both(batch) -> tuple[jax.Array, jax.Array]:

@@ -41,10 +41,7 @@ class GRPO:
         self.engines = {"actor": self.actor}
         self.score = rewards_lib.build(s, mesh=self.actor.mesh, vocab_size=run.vocab_size, pad_id=run.pad_id,
                                        reward_fn=reward_fn)
-        self.rollout = Rollout(self.actor, tokenizer=run.tokenizer, max_prompt_len=s["max_prompt_len"],
-                               max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                               stop=s["stop"], tensor_parallel=s["rollout_tensor_parallel"],
-                               max_seqs=run.global_rows, seed=run.config.zerojax.seed)
+        self.rollout = Rollout.for_run(self.actor, run, run.global_rows)
 
     def init_weights(self) -> None:
         from zerojax.trainer import load_model_params

@@ -96,10 +96,7 @@ class Actor(nnx.Module):
     @property
     def zerojax_model_section(self) -> dict | None:
         """The checkpoint is the policy's: served, exported and `init_from`-ed as the model."""
-        cfg = getattr(self.policy, "cfg", None)
-        if not dataclasses.is_dataclass(cfg):
-            return None
-        return {"type": type(self.policy).__name__.lower(), **dataclasses.asdict(cfg), "params_under": "policy"}
+        return common.policy_model_section(self.policy)
 
     def token_logps(self, model: nnx.Module, ids_BL: jax.Array) -> jax.Array:
         """[B, L] log p(token t+1) at position t under `logits / temperature`."""
@@ -178,8 +175,7 @@ def check_single_process() -> None:
 
 def run_loop(run: common.Run, algorithm: Algorithm, batches: rdata.ExampleBatches, report: rdata.Report, *,
              steps: int | None, out: str | None, stream=None) -> dict:
-    from zerojax.monitor import Monitor
-    from zerojax.trainer import DEFAULT_OUT, _StopRequest, _enabled
+    from zerojax.trainer import DEFAULT_OUT, StopRequest, make_monitor
 
     config, train_cfg = run.config, run.config.zerojax.train
     steps = steps or train_cfg["steps"]
@@ -203,9 +199,7 @@ def run_loop(run: common.Run, algorithm: Algorithm, batches: rdata.ExampleBatche
     else:
         algorithm.init_weights()
 
-    monitor = Monitor(out, total_steps=steps, start_step=start, steps_per_print=config.steps_per_print,
-                      tensorboard=_enabled(config.tensorboard), csv_monitor=_enabled(config.csv_monitor),
-                      stream=stream)
+    monitor = make_monitor(config, out, steps=steps, start=start, stream=stream)
     if start:
         monitor.message(f"resumed from {out} at step {start}")
 
@@ -218,7 +212,7 @@ def run_loop(run: common.Run, algorithm: Algorithm, batches: rdata.ExampleBatche
                               async_save=False)
 
     step, last_saved, last, t_run = start, None, {}, time.perf_counter()
-    stop = _StopRequest()
+    stop = StopRequest()
     with stop.installed():
         while step < steps:
             t0 = time.perf_counter()

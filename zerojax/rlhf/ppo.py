@@ -87,10 +87,7 @@ class PPO:
         self.engines = {"actor": self.actor, "critic": self.critic}
         self.score = rewards_lib.build(s, mesh=self.actor.mesh, vocab_size=run.vocab_size, pad_id=run.pad_id,
                                        reward_fn=reward_fn)
-        self.rollout = Rollout(self.actor, tokenizer=run.tokenizer, max_prompt_len=s["max_prompt_len"],
-                               max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                               stop=s["stop"], tensor_parallel=s["rollout_tensor_parallel"],
-                               max_seqs=run.global_rows * s["mini_batches"], seed=run.config.zerojax.seed)
+        self.rollout = Rollout.for_run(self.actor, run, run.global_rows * s["mini_batches"])
         self.actor_scores = online.forward(self.actor, "score")
         self.critic_values = online.forward(self.critic, "score_values")
 

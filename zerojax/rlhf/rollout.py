@@ -57,6 +57,15 @@ class Rollout:
         self.sampling = SamplingParams.create(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                               stop=list(stop), logprobs=0)
 
+    @classmethod
+    def for_run(cls, engine, run, rows: int) -> "Rollout":
+        """The rollout of an online run's `rlhf` settings, `rows` sequences at a time."""
+        s = run.settings
+        return cls(engine, tokenizer=run.tokenizer, max_prompt_len=s["max_prompt_len"],
+                   max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
+                   stop=s["stop"], tensor_parallel=s["rollout_tensor_parallel"], max_seqs=rows,
+                   seed=run.config.zerojax.seed)
+
     def sync(self) -> None:
         """Serve the actor's current params (resharded on device; the prefix cache dropped)."""
         self.inference.set_params(self.engine.state.params[self.subtree])
