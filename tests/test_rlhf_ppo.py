@@ -164,3 +164,16 @@ def test_later_updates_use_the_rollouts_log_probs_and_the_first_its_own_forward(
     assert float(first["ratio_mean"]) == 1.0 and float(first["clip_fraction"]) == 0.0
     np.testing.assert_allclose(float(later["ratio_mean"]), np.exp(0.5), rtol=1e-5)
     assert float(later["clip_fraction"]) == 1.0      # e^0.5 > 1.2 with positive advantages: all clipped
+
+
+def test_the_critic_inherits_the_top_level_optimizer_unless_rlhf_critic_overrides_it():
+    from zerojax.config import Config
+    from zerojax.rlhf.ppo import critic_config
+
+    config = Config.load(ppo_config("/tmp/unused", critic={"optimizer": {"type": "Adam", "params": {"lr": 1e-5}},
+                                                           "zero_optimization": {"stage": 3}}))
+    inherited = critic_config(config, {})
+    assert inherited.optimizer == config.optimizer and inherited.zero_optimization.stage == 1
+    own = critic_config(config, config.zerojax.rlhf["critic"])
+    assert own.optimizer.type == "adam" and own.optimizer.params["lr"] == 1e-5
+    assert own.zero_optimization.stage == 3 and own.train_batch_size == config.train_batch_size
