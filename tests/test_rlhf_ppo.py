@@ -108,6 +108,13 @@ def test_a_reward_model_scores_completions_and_seeds_the_critic(tmp_path):
     assert "reference" not in algorithm.actor.state.params          # kl_coef 0: no reference built
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(algorithm.critic.state.params),
                  jax.device_get(engine.state.params))                # the critic starts as the reward model
+    # The run's reward: prompt + completion ids scored by the model at their last token.
+    from zerojax.rlhf.online import Prompt
+    from zerojax.rlhf.rollout import Completion
+    prompts = [Prompt(s[:2], "", {}) for s in seqs]
+    completions = [Completion(s[:2], s[2:], [0.0] * (len(s) - 2), "", "stop") for s in seqs]
+    scores, _ = algorithm.score(prompts, completions)
+    np.testing.assert_allclose(scores, want, atol=1e-5)
 
 
 def _critic_engine(devices, stage: int, mesh: dict | None = None, model=None):
