@@ -87,9 +87,23 @@ class BF16Config:
 
 
 @dataclasses.dataclass(frozen=True)
+class OffloadOptimizerConfig:
+    """DeepSpeed's `zero_optimization.offload_optimizer` (ZeRO-Offload)."""
+
+    device: str = "none"             # "none" | "cpu" (host memory) | "nvme" (not built yet)
+    pin_memory: bool = False         # True: pinned (page-locked) host memory, as DeepSpeed
+    ratio: float = 1.0               # share of the state offloaded; only 1.0 is implemented
+
+    @property
+    def enabled(self) -> bool:
+        return self.device == "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
 class ZeroConfig:
     stage: int = 0
     stage3_param_persistence_threshold: int = 100_000
+    offload_optimizer: OffloadOptimizerConfig = OffloadOptimizerConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,8 +511,37 @@ def _offload_active(value: Any) -> bool:
     return isinstance(value, Mapping) and str(value.get("device", "none")).lower() not in ("none", "")
 
 
+# DeepSpeed's offload_optimizer keys that need NVMe offload (not built yet) or tune its
+# host-side Adam; accepted and ignored with device "cpu".
+_OFFLOAD_OPTIMIZER_NOOP = {"nvme_path", "buffer_count", "pipeline", "pipeline_read",
+                           "pipeline_write", "fast_init", "super_offload", "cpuadam_cores_perc"}
+_OFFLOAD_OPTIMIZER = {"device": (_choice("none", "cpu", "nvme"), "none"),
+                      "pin_memory": (_bool, False),
+                      "ratio": (_num(0.0, 1.0, lo_open=True), 1.0)}
+
+
+def _parse_offload_optimizer(raw: Any, path: str) -> OffloadOptimizerConfig:
+    if raw is None:
+        return OffloadOptimizerConfig()
+    if isinstance(raw, Mapping) and isinstance(raw.get("device"), str):
+        raw = {**raw, "device": raw["device"].lower()}      # DeepSpeed accepts "CPU"
+    sec = _section(raw, path, _OFFLOAD_OPTIMIZER, noop=_OFFLOAD_OPTIMIZER_NOOP)
+    if sec["device"] == "nvme":
+        _warn(f"{path}.device: \"nvme\" (ZeRO-Infinity) is not implemented in zerojax yet; the "
+              f"optimizer state stays in device memory (use \"cpu\" for host memory)",
+              UnsupportedKeyWarning)
+        return OffloadOptimizerConfig(**sec)        # recorded as asked; `enabled` is False
+    if sec["device"] == "cpu" and sec["ratio"] < 1.0:
+        _warn(f"{path}.ratio: only ratio 1.0 (the whole optimizer state on the host) is "
+              f"implemented; got {sec['ratio']:g}, so all of it is offloaded", UnsupportedKeyWarning)
+        sec["ratio"] = 1.0
+    return OffloadOptimizerConfig(**sec)
+
+
+_ZERO["offload_optimizer"] = (_parse_offload_optimizer, OffloadOptimizerConfig())
+
 _ZERO_UNSUPPORTED = {
-    "offload_optimizer": _offload_active, "offload_param": _offload_active,
+    "offload_param": _offload_active,
     "cpu_offload": _is_active, "cpu_offload_param": _is_active, "cpu_offload_use_pin_memory": lambda v: False,
     "zero_hpz_partition_size": lambda v: v not in (None, 0, 1),
     "zero_quantized_weights": _is_active, "zero_quantized_gradients": _is_active,

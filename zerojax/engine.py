@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import checkpoint, compute, host_memory, kernels, optim, partition, precision
+from zerojax import checkpoint, compute, host_memory, kernels, offload, optim, partition, precision
 from zerojax.config import BatchSizes, Config, ConfigError
 from zerojax.errors import CheckpointError
 from zerojax.mesh import BATCH_AXES, build_mesh, data_parallel_size
@@ -130,9 +130,15 @@ class Engine:
 
         loss_scale = precision.init_loss_scale(config)
         replicated = lambda tree: jax.tree.map(lambda x: _replicated(self.mesh, x), tree)
+        opt_shardings = self.layout.shardings(opt_specs)
+        self.offload_memory_kind = offload.optimizer_memory_kind(config, self.mesh)
+        opt_on_device = None
+        if self.offload_memory_kind is not None:
+            opt_on_device = offload.with_memory_kind(opt_shardings, offload.DEVICE)
+            opt_shardings = offload.with_memory_kind(opt_shardings, self.offload_memory_kind)
         self.state_shardings = TrainState(
             params=self.layout.shardings(self.layout.params),
-            opt_state=self.layout.shardings(opt_specs),
+            opt_state=opt_shardings,
             step=_replicated(self.mesh, 0),
             loss_scale=replicated(loss_scale),
             model_state=replicated(abstract_rest),
@@ -159,7 +165,8 @@ class Engine:
             grad_specs=self.layout.grads, micro_batches=self.batch_sizes.gradient_accumulation_steps,
             gradient_clipping=config.gradient_clipping, fp16=config.fp16.enabled, config=config,
             cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32,
-            logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model))
+            logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
+            opt_state_on_device=opt_on_device)
         metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),
@@ -440,20 +447,25 @@ class Engine:
             for k, v in batch.items()}
 
     def memory_report(self, batch: Mapping[str, Any] | None = None) -> dict[str, int]:
-        """Per-device bytes: params, grads, optimizer, temp (compiler), arguments, total.
+        """Per-device bytes: params, grads, optimizer, temp (compiler), arguments, total, host.
 
         params/grads/optimizer come from the shardings; temp and arguments from the
         compiler. Gradients live inside temp (made and consumed within the step), so
-        total = params + optimizer + temp.
+        total = params + optimizer + temp: device memory. `host` is the state kept in host
+        memory per device: with ZeRO-Offload the optimizer state, which `optimizer` (device
+        bytes) then leaves out, as DeepSpeed counts offloaded state as CPU memory.
         """
         analysis = self._compiled("train", self._abstract_batch(batch)).memory_analysis()
         params = _bytes_per_device(self.state.params, self.state_shardings.params)
         optimizer = _bytes_per_device(self.state.opt_state, self.state_shardings.opt_state)
+        host = 0
+        if self.offload_memory_kind is not None:
+            optimizer, host = 0, optimizer
         grads = _bytes_per_device(self._abstract_params, self.layout.shardings(self.layout.grads))
         temp = int(analysis.temp_size_in_bytes)
         return {"params": params, "grads": grads, "optimizer": optimizer, "temp": temp,
                 "arguments": int(analysis.argument_size_in_bytes),
-                "total": params + optimizer + temp}
+                "total": params + optimizer + temp, "host": host}
 
 
 def initialize(model: nnx.Module | None = None, config: Any = None, *,

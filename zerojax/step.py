@@ -45,6 +45,9 @@ class StepSpec:
     cast_params_whole: bool              # the model does not cast per layer itself
     logical: Any = None                  # logical axis names of the params (pipeline stage split)
     pipeline_schedule: str | None = None  # "1f1b" | "gpipe" when the mesh has pipe > 1
+    # ZeRO-Offload: device-memory shardings the host-resident optimizer state is moved to
+    # for the update (the step's out_shardings put it back on the host); None: no offload.
+    opt_state_on_device: Any = None
 
 
 def _constrain(tree: Any, specs: Any, mesh) -> Any:
@@ -131,14 +134,17 @@ def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainStat
         grads = jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0), grads)
 
     lr = spec.lr_fn(state.step)
-    updates, new_opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if spec.opt_state_on_device is not None:
+        opt_state = jax.device_put(opt_state, spec.opt_state_on_device)
+    updates, new_opt_state = spec.tx.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 
     overflow = ~jnp.isfinite(grad_norm) if spec.fp16 else jnp.asarray(False)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(overflow, o, n), new, old)
     new_state = TrainState(
         params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        opt_state=keep(new_opt_state, opt_state),
         step=state.step + jnp.where(overflow, 0, 1).astype(jnp.int32),
         loss_scale=precision.update_loss_scale(state.loss_scale, overflow, spec.config),
         model_state=model_state,
