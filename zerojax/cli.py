@@ -139,6 +139,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """Memory of every ZeRO stage x remat candidate, compiled on --devices simulated CPU devices."""
+    try:
+        n = int(args.devices)
+    except ValueError:
+        raise ValueError(f"--devices must be an integer >= 1, got {args.devices!r}") from None
+    if n < 1:
+        raise ValueError(f"--devices must be an integer >= 1, got {n}")
+    from zerojax.plan import format_plan, parse_bytes, plan
+    limit = parse_bytes(args.device_memory) if args.device_memory is not None else None
+    config = _load_config(args.config, args.set)        # bad keys fail before any compile
+    from jax._src import xla_bridge
+    if not xla_bridge.backends_are_initialized():       # read when the backend starts
+        from zerojax.distributed import strip_device_count_flag
+        os.environ["XLA_FLAGS"] = (strip_device_count_flag(os.environ.get("XLA_FLAGS", ""))
+                                   + f" --xla_force_host_platform_device_count={n}").strip()
+    result = plan(config, n, limit)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
 def _add_run_options(parser, example_set: str) -> None:
     """--steps, --out and --set: what every training command takes."""
     parser.add_argument("--steps", type=int, help="train to this many steps (default: zerojax.train.steps)")
@@ -183,6 +204,15 @@ def _add_train_commands(commands) -> None:
     info.add_argument("config", nargs="?")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     info.set_defaults(run=_info)
+
+    plan = commands.add_parser("plan", help="per-device memory of each ZeRO stage x remat candidate, "
+                                            "compiled ahead of time on N simulated devices")
+    plan.add_argument("config", help="DeepSpeed JSON config; model in its \"zerojax\" section")
+    plan.add_argument("--devices", required=True, metavar="N", help="number of devices to plan for")
+    plan.add_argument("--device-memory", metavar="SIZE", help="memory per device, e.g. 80GiB (default: unlimited)")
+    plan.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.set_defaults(run=_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

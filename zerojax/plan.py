@@ -297,3 +297,130 @@ def _device(offloaded: bool) -> str:
 
 def _row(host_bytes: int, device_bytes: int, options: str) -> str:
     return f" {host_bytes / GiB:7.2f}GB | {device_bytes / GiB:6.2f}GB | {options}"
+
+
+# ----------------------------------------------------------------------------- zerojax plan
+
+STAGES = (0, 1, 2, 3)
+REMATS = ("none", "full")
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+NOTES = (
+    "params/grads/optimizer bytes: per device, from the shardings of the abstract state "
+    "(shard shape x dtype size of every leaf)",
+    "temp bytes: the compiler's memory_analysis() of the train step, compiled ahead of time "
+    "on ShapeDtypeStructs (nothing allocated); gradients live inside temp",
+    "total = params + optimizer + temp (device memory); host bytes: optimizer state kept in "
+    "host memory under ZeRO-Offload (offload_optimizer.device cpu)",
+    "micro_batch and offload: as the config sets them",
+    "deepspeed_estimate: DeepSpeed's analytic model-state estimate (cpu_offload False), "
+    "device bytes per device, stages 2 and 3 only; it counts no activations",
+    "compiled on simulated CPU devices: XLA's CPU backend lowers a reduce-scatter to an "
+    "all-reduce + slice, where a GPU would reduce-scatter, so temp may differ on a GPU",
+)
+
+
+def parse_bytes(text: Any) -> int:
+    """'80GiB', '80 GB', '1.5TiB', '4096' -> bytes (binary units KiB..TiB, decimal KB..TB)."""
+    raw = str(text).strip()
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = raw[len(raw.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")):].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = None
+    if value is None or unit not in _UNITS or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--device-memory: expected a positive size such as 80GiB, 40GB or "
+                         f"1073741824, got {raw!r}")
+    return int(value * _UNITS[unit])
+
+
+def plan(config: Any, devices: Any, device_memory: Any = None) -> dict:
+    """Per-device memory of every candidate (ZeRO stage 0-3 x remat none/full) of a config.
+
+    `config`: a Config, a DeepSpeed JSON dict or a path to one (its model in
+    `zerojax.model`). `devices`: a device count N (the first N CPU devices) or a list of
+    devices. `device_memory`: bytes per device (int) or a size string ("80GiB"); None
+    means every candidate fits. Each candidate's train step is compiled ahead of time on
+    abstract state; nothing is allocated. Returns the `zerojax plan --json` dict,
+    candidates best first (those that fit, then the smallest total).
+    """
+    import numpy as np
+
+    from zerojax.config import Config
+    from zerojax.engine import initialize
+    from zerojax.trainer import model_fn_from_config
+
+    if isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
+        if devices < 1:
+            raise ValueError(f"--devices must be an integer >= 1, got {devices}")
+        available = jax.devices("cpu")
+        if devices > len(available):
+            raise ValueError(f"--devices {devices}: only {len(available)} CPU devices exist in this "
+                             f"process (set XLA_FLAGS=--xla_force_host_platform_device_count="
+                             f"{devices} before jax starts)")
+        devices = available[:devices]
+    else:
+        devices = list(devices)
+        if not devices:
+            raise ValueError("--devices must be an integer >= 1, got 0 devices")
+    limit = None
+    if device_memory is not None:
+        limit = device_memory if isinstance(device_memory, numbers.Integral) else parse_bytes(device_memory)
+        if isinstance(limit, bool) or limit <= 0:
+            raise ValueError(f"--device-memory must be positive, got {device_memory!r}")
+
+    base = Config.load(config)
+    n = len(devices)
+    counts = None
+    candidates = []
+    for stage in STAGES:
+        for remat in REMATS:
+            cfg = base.with_overrides({"zero_optimization.stage": stage, "zerojax.remat": remat})
+            model_fn, _ = model_fn_from_config(cfg)
+            seq_len = int(cfg.zerojax.data.get("seq_len", 256))
+            example = {"input_ids": np.zeros((1, seq_len), np.int32)}
+            engine = initialize(model_fn=model_fn, config=cfg, abstract=True,
+                                example_batch=example, devices=devices)
+            report = engine.memory_report()
+            if counts is None:
+                counts = param_counts(engine._abstract_params)
+            estimate = None
+            if stage == 2:
+                estimate = estimate_zero2_model_states_mem_needs(
+                    counts[0], num_gpus_per_node=n, num_nodes=1, cpu_offload=False)[1]
+            elif stage == 3:
+                estimate = estimate_zero3_model_states_mem_needs(
+                    counts[0], counts[1], num_gpus_per_node=n, num_nodes=1, cpu_offload=False)[1]
+            candidates.append({
+                "stage": stage, "micro_batch": engine.batch_sizes.micro_batch_size, "remat": remat,
+                "offload": cfg.zero_optimization.offload_optimizer.device,
+                "params_bytes": report["params"], "grads_bytes": report["grads"],
+                "optimizer_bytes": report["optimizer"], "temp_bytes": report["temp"],
+                "host_bytes": report["host"], "total_bytes": report["total"],
+                "fits": limit is None or report["total"] <= limit,
+                "deepspeed_estimate_bytes": estimate})
+    candidates.sort(key=lambda c: (not c["fits"], c["total_bytes"], c["stage"]))
+    return {"devices": n, "device_memory_bytes": limit, "candidates": candidates, "notes": list(NOTES)}
+
+
+def format_plan(result: dict) -> str:
+    """The table `zerojax plan` prints (MiB per device), best first, then the notes."""
+    mib = lambda b: "-" if b is None else f"{b / 2**20:,.2f}"
+    limit = result.get("device_memory_bytes")
+    lines = [f"devices: {result['devices']}  device memory: "
+             + ("unlimited" if limit is None else f"{mib(limit)} MiB"),
+             "per-device MiB, best first:",
+             f"{'stage':>5} {'remat':>5} {'micro':>5} {'offload':>7} {'params':>10} {'grads':>10} "
+             f"{'optimizer':>10} {'temp':>10} {'host':>10} {'total':>10} {'fits':>4} {'deepspeed':>10}"]
+    for c in result["candidates"]:
+        lines.append(f"{c['stage']:>5} {c['remat']:>5} {c['micro_batch']:>5} {c['offload']:>7} "
+                     f"{mib(c['params_bytes']):>10} {mib(c['grads_bytes']):>10} "
+                     f"{mib(c['optimizer_bytes']):>10} {mib(c['temp_bytes']):>10} "
+                     f"{mib(c['host_bytes']):>10} {mib(c['total_bytes']):>10} "
+                     f"{'yes' if c['fits'] else 'no':>4} {mib(c['deepspeed_estimate_bytes']):>10}")
+    lines.append("how each column was obtained:")
+    lines.extend(f"  - {note}" for note in result["notes"])
+    return "\n".join(lines)
