@@ -247,26 +247,31 @@ def test_grpo_reference_is_frozen_and_kl_starts_at_zero(grpo_run):
     assert with_reference.zerojax_frozen == ("reference",) and with_reference.beta == 0.1
 
 
-def test_grpo_under_zero3_and_tensor_parallel_takes_the_same_first_steps_as_one_device(grpo_run):
-    """The single-device run's first train batches, replayed from the same start params
-    under ZeRO-3 with TP 2 on 8 devices (data 4 x tensor 2)."""
-    s = grpo_run.run.settings
-    config = tiny_config("grpo")
-    # threshold 0: ZeRO-3 shards even this tiny model's params (DeepSpeed keeps params under
-    # stage3_param_persistence_threshold, 1e5 elements by default, whole on every rank)
-    config["zero_optimization"].update(stage=3, stage3_param_persistence_threshold=0)
-    config["zerojax"]["mesh"] = {"tensor": 2}
-    layout = "zero3 + tensor 2"
-    policy_fn = grpo_run.run.model_fn
+def _actor_engine_from_start(grpo_run, config: dict):
+    """The GRPO actor (as grpo.GRPO builds it) with the shared run's start params, laid out by
+    `config`: placed from one host-built module, so no init program per layout."""
+    s, policy_fn = grpo_run.run.settings, grpo_run.run.model_fn
 
-    def model_fn(rngs):                                        # as grpo.GRPO builds its actor
+    def model_fn(rngs):
         policy = policy_fn(rngs)
         return online.Actor(policy, reference=nnx.clone(policy), objective="grpo", temperature=s["temperature"],
                             clip_low=s["epsilon"], clip_high=s["epsilon_high"], beta=s["beta"])
 
     graphdef, params = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))), nnx.Param)
     nnx.replace_by_pure_dict(params, grpo_run.start)
-    engine = zerojax.initialize(nnx.merge(graphdef, params), config=common.prepare(config, "grpo").config)
+    return zerojax.initialize(nnx.merge(graphdef, params), config=common.prepare(config, "grpo").config)
+
+
+def test_grpo_under_zero3_and_tensor_parallel_takes_the_same_first_steps_as_one_device(grpo_run):
+    """The single-device run's first train batches, replayed from the same start params
+    under ZeRO-3 with TP 2 on 8 devices (data 4 x tensor 2)."""
+    config = tiny_config("grpo")
+    # threshold 0: ZeRO-3 shards even this tiny model's params (DeepSpeed keeps params under
+    # stage3_param_persistence_threshold, 1e5 elements by default, whole on every rank)
+    config["zero_optimization"].update(stage=3, stage3_param_persistence_threshold=0)
+    config["zerojax"]["mesh"] = {"tensor": 2}
+    layout = "zero3 + tensor 2"
+    engine = _actor_engine_from_start(grpo_run, config)
     assert engine.mesh.devices.size == 8 and engine.mesh.shape["tensor"] == 2 and engine.mesh.shape["data"] == 4
     specs = [str(x.sharding.spec) for x in jax.tree.leaves(engine.params["policy"])]
     assert all("data" in spec for spec in specs) and sum("tensor" in spec for spec in specs) >= 8, specs
@@ -285,19 +290,9 @@ def test_grpo_under_zero3_and_tensor_parallel_takes_the_same_first_steps_as_one_
 def test_grpo_loss_normalisation_is_the_same_under_gradient_accumulation(grpo_run):
     """The recorded batches (dapo weights over the whole batch) through 2 micro-batches of 8:
     the mean of the micro-batch losses is the whole batch's loss, and the update the same."""
-    s = grpo_run.run.settings
     config = tiny_config("grpo")
     config.update(train_micro_batch_size_per_gpu=ROWS // 2, gradient_accumulation_steps=2)
-    policy_fn = grpo_run.run.model_fn
-
-    def model_fn(rngs):
-        policy = policy_fn(rngs)
-        return online.Actor(policy, reference=nnx.clone(policy), objective="grpo", temperature=s["temperature"],
-                            clip_low=s["epsilon"], clip_high=s["epsilon_high"], beta=s["beta"])
-
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))), nnx.Param)
-    nnx.replace_by_pure_dict(params, grpo_run.start)
-    engine = zerojax.initialize(nnx.merge(graphdef, params), config=common.prepare(config, "grpo").config)
+    engine = _actor_engine_from_start(grpo_run, config)
     assert engine.batch_sizes.gradient_accumulation_steps == 2
     for step, want in enumerate(grpo_run.recorded):
         loss = float(engine.train_step(want["batch"])["loss"])
