@@ -95,7 +95,7 @@ def test_a_completion_batch_counts_generated_tokens_up_to_eos_and_nothing_after(
     eos = 1
     done = [rollout_lib.Completion([10, 11, 12], [20, 21, eos], [-0.5, -0.25, -0.125], "ab", "stop"),
             rollout_lib.Completion([13], [22, 23, 24, 25], [-1.0, -2.0, -3.0, -4.0], "cdef", "length")]
-    length = rollout_lib.padded_length(done, 64, multiple=8)
+    length = rollout_lib.padded_length(done, 8)               # 6 tokens round to 32, capped at the limit
     batch = rollout_lib.completion_batch(done, length, pad_id=0)
     assert length == 8 and batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, eos, 0, 0],
                                                           [13, 22, 23, 24, 25, 0, 0, 0]]

@@ -69,13 +69,18 @@ def check_vocab(examples: list, vocab_size: int, path: str) -> None:
                           f"tokenizer match the model?)")
 
 
+def warn_cuts(run: Run, report) -> None:
+    """The data report's one warning line (cuts and drops), if anything was cut or dropped."""
+    warning = report.summary()
+    if warning:
+        print(f"zerojax rlhf {run.algorithm}: warning: {warning}", file=sys.stderr, flush=True)
+
+
 def train(run: Run, batches, report, *, model_fn=None, steps=None, out=None, stream=None,
           init_weights=None) -> dict:
     from zerojax.trainer import train as train_loop
 
-    warning = report.summary()
-    if warning:
-        print(f"zerojax rlhf {run.algorithm}: warning: {warning}", file=sys.stderr, flush=True)
+    warn_cuts(run, report)
     summary = train_loop(model_fn, run.config, data=batches, steps=steps, out=out, stream=stream,
                          init_weights=init_weights)
     summary["data"] = dataclasses.asdict(report)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -144,18 +143,19 @@ def forward(engine, method: str) -> Callable:
     return lambda batch: run(engine.state.params, engine.state.model_state, engine.shard_batch(batch))
 
 
-def update_ema(engine, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * policy, on device in the params' layout."""
-    shardings = engine.state_shardings.params
-
+def ema_updater(engine, decay: float) -> Callable[[], None]:
+    """`update()`: ema <- decay * ema + (1 - decay) * policy, one compiled program on device in
+    the params' layout (compiled once, called after every actor step)."""
     def step(params):
         ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), params["ema"],
                            params["policy"])
         return {**params, "ema": ema}
 
-    if not hasattr(engine, "_ema_step"):
-        engine._ema_step = jax.jit(step, out_shardings=shardings, donate_argnums=0)
-    engine.state = engine.state._replace(params=engine._ema_step(engine.state.params))
+    compiled = jax.jit(step, out_shardings=engine.state_shardings.params, donate_argnums=0)
+
+    def update() -> None:
+        engine.state = engine.state._replace(params=compiled(engine.state.params))
+    return update
 
 
 # ---------------------------------------------------------------- the loop
@@ -164,7 +164,7 @@ class Algorithm(Protocol):
 
     def init_weights(self) -> None: ...
 
-    def step(self, index: int, prompts: list[Prompt]) -> dict: ...
+    def step(self, index: int, prompts: list[Prompt]) -> dict: ...   # metrics, tokens_per_s included
 
 
 def check_single_process() -> None:
@@ -182,9 +182,7 @@ def run_loop(run: common.Run, algorithm: Algorithm, batches: rdata.ExampleBatche
     if not steps:
         raise ConfigError('how many steps? pass steps= (--steps) or set "zerojax": {"train": {"steps": N}}')
     out = out or train_cfg["out"] or DEFAULT_OUT
-    warning = report.summary()
-    if warning:
-        print(f"zerojax rlhf {run.algorithm}: warning: {warning}", file=sys.stderr, flush=True)
+    common.warn_cuts(run, report)
     actor = algorithm.engines["actor"]
 
     start = 0
@@ -219,7 +217,6 @@ def run_loop(run: common.Run, algorithm: Algorithm, batches: rdata.ExampleBatche
             metrics = algorithm.step(step, batches.next())
             step += 1
             record = {k: float(v) for k, v in metrics.items()}
-            record.setdefault("tokens_per_s", record.get("tokens", 0.0) / max(time.perf_counter() - t0, 1e-9))
             record["step_time_s"] = time.perf_counter() - t0
             last = record
             if step % (train_cfg["log_every"] or 1) == 0 or step == start + 1 or step == steps or stop.requested:

@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zerojax import compute
-from zerojax.config import Config, ConfigError
+from zerojax.config import Config
 from zerojax.rlhf import common, data as rdata, losses, online, rewards as rewards_lib
-from zerojax.rlhf.reward import SCORE_AXES, RewardModel
+from zerojax.rlhf.reward import RewardModel
 from zerojax.rlhf.rollout import Rollout, completion_batch, padded_length
 
 
@@ -42,12 +41,6 @@ class Critic(RewardModel):
     def __init__(self, base: nnx.Module, *, rngs: nnx.Rngs, clip: float = 0.2, vf_coef: float = 0.1):
         super().__init__(base, rngs=rngs)
         self.clip, self.vf_coef = clip, vf_coef
-
-    def values(self, input_ids_BL: jax.Array) -> jax.Array:
-        base = self.base
-        h_BLD = base.final_hidden(base.run_layers(base.embed(input_ids_BL)))
-        return jnp.einsum("bld,d->bl", h_BLD, compute.for_compute(self.score[...], SCORE_AXES),
-                          preferred_element_type=jnp.float32)
 
     def score_values(self, batch) -> jax.Array:
         return self.values(jnp.asarray(batch["input_ids"]))
@@ -88,6 +81,7 @@ class PPO:
         self.score = rewards_lib.build(s, mesh=self.actor.mesh, vocab_size=run.vocab_size, pad_id=run.pad_id,
                                        reward_fn=reward_fn)
         self.rollout = Rollout.for_run(self.actor, run, run.global_rows * s["mini_batches"])
+        self.update_ema = online.ema_updater(self.actor, s["ema"]) if s["ema"] else None
         self.actor_scores = online.forward(self.actor, "score")
         self.critic_values = online.forward(self.critic, "score_values")
 
@@ -180,8 +174,8 @@ class PPO:
                      "advantages": rollout["advantages"][take]})))
                 critic_metrics.append(jax.device_get(self.critic.train_step(
                     {**common_rows, "old_values": rollout["old_values"][take], "returns": rollout["returns"][take]})))
-                if s["ema"]:
-                    online.update_ema(self.actor, s["ema"])
+                if self.update_ema is not None:
+                    self.update_ema()
         return actor_metrics, critic_metrics
 
 

@@ -34,14 +34,18 @@ class RewardModel(nnx.Module):
         """The checkpoint's `model` entry: the base model's section, marked as scored."""
         return {"type": type(self.base).__name__.lower(), **dataclasses.asdict(self.base.cfg), "reward_head": True}
 
-    def scores(self, input_ids_BL: jax.Array, lengths_B: jax.Array) -> jax.Array:
-        """[B] fp32: the score head at each sequence's last real token (`lengths - 1`)."""
+    def values(self, input_ids_BL: jax.Array) -> jax.Array:
+        """[B, L] fp32: the score head at every position (PPO's critic reads them all)."""
         from zerojax import compute
 
         base = self.base
         h_BLD = base.final_hidden(base.run_layers(base.embed(input_ids_BL)))
-        values_BL = jnp.einsum("bld,d->bl", h_BLD, compute.for_compute(self.score[...], SCORE_AXES),
-                               preferred_element_type=jnp.float32)
+        return jnp.einsum("bld,d->bl", h_BLD, compute.for_compute(self.score[...], SCORE_AXES),
+                          preferred_element_type=jnp.float32)
+
+    def scores(self, input_ids_BL: jax.Array, lengths_B: jax.Array) -> jax.Array:
+        """[B] fp32: the score head at each sequence's last real token (`lengths - 1`)."""
+        values_BL = self.values(input_ids_BL)
         # A masked sum, not a gather: a sequence-sharded length dimension reduces in place.
         last_BL = jnp.arange(input_ids_BL.shape[1])[None, :] == (lengths_B[:, None] - 1)
         return jnp.sum(jnp.where(last_BL, values_BL, 0.0), axis=1)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from zerojax.config import ConfigError
+from zerojax.rlhf import data as rdata
 
 
 class RewardError(ConfigError):
@@ -160,7 +161,7 @@ def build(settings: dict, *, mesh, vocab_size: int, pad_id: int = 0, reward_fn=N
 
         def score_with_model(prompts, completions):
             sequences = [c.prompt_ids + c.token_ids for c in completions]
-            length = min(limit, -(-max(map(len, sequences)) // 32) * 32)
+            length = rdata.padded_length(max(map(len, sequences)), limit)
             return scorer(sequences, length), {}
         return score_with_model
     else:

@@ -19,12 +19,13 @@ its last token), a stop string (its text cut there) or `max_new_tokens`; nothing
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from zerojax.inference import InferenceEngine, SamplingParams, sources
 from zerojax.inference.kv_cache import pages_for
+from zerojax.rlhf import data as rdata
 
 PAGE_SIZE = 16
 
@@ -103,9 +104,9 @@ def completion_batch(completions: Sequence[Completion], length: int, pad_id: int
     return {"input_ids": ids, "completion_mask": mask, "rollout_logps": logps}
 
 
-def padded_length(completions: Sequence[Completion], limit: int, multiple: int = 32) -> int:
-    longest = max(len(c.prompt_ids) + len(c.token_ids) for c in completions)
-    return min(limit, -(-longest // multiple) * multiple)
+def padded_length(completions: Sequence[Completion], limit: int) -> int:
+    """The batch length: the longest prompt + completion rounded as every RLHF batch is."""
+    return rdata.padded_length(max(len(c.prompt_ids) + len(c.token_ids) for c in completions), limit)
 
 
 __all__ = ["Completion", "Rollout", "completion_batch", "padded_length"]
