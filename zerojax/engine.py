@@ -333,16 +333,11 @@ class Engine:
         params = jax.tree.map(lambda p, like: jnp.asarray(p, like.dtype), params, self.state.params)
         given = {id(x) for x in jax.tree.leaves(params)}
         params = jax.device_put(params, self.state_shardings.params)
-        # The step donates the params, so this engine must own every buffer: one buffer under
-        # two names (a DPO reference set to the policy's weights) must become two, and an
-        # array another engine holds (a PPO critic started from the actor) must be copied.
-        seen: set[int] = set()
-
-        def own(x):
-            if id(x) in seen or id(x) in given:
-                return jnp.copy(x)
-            seen.add(id(x))
-            return x
+        # The step donates the params, so this engine must own every buffer: an array the
+        # caller passed through unmoved may be held elsewhere (another engine's, a PPO critic
+        # started from the actor) or under two names (a DPO reference set to the policy), so
+        # it is copied; arrays device_put made are this engine's already.
+        own = lambda x: jnp.copy(x) if id(x) in given else x
         self.state = self.state._replace(params=jax.tree.map(own, params))
 
     def model(self) -> nnx.Module:
