@@ -170,6 +170,99 @@ def test_config_bad_offload_values_are_errors(keys, message):
         Config.load(offload_section(**keys))
 
 
-def test_offload_param_is_still_unsupported():
-    with pytest.warns(UnsupportedKeyWarning, match="offload_param"):
-        Config.load({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+def param_config(stage: int = 3, *, optimizer: bool = True, params: bool = True, **extra) -> dict:
+    cfg = config(stage, optimizer)
+    if params:
+        cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {**cfg, **extra}
+
+
+@pytest.fixture(scope="module")
+def both_offloaded(batches):
+    """ZeRO-3 with params and optimizer state on the host, after STEPS steps."""
+    engine = zerojax.initialize(model_fn=tiny_llama, config=param_config())
+    losses = np.array([float(engine.train_step(b)["loss"]) for b in batches])
+    return engine, losses
+
+
+@pytest.mark.parametrize("runs", [3], indirect=True)
+def test_param_offload_equals_plain_run(runs, both_offloaded, batches):
+    _, plain, _, plain_losses, _ = runs
+    engine, losses = both_offloaded
+    np.testing.assert_allclose(losses, plain_losses, atol=2e-5, rtol=0)
+    assert relative_error(engine.state.params, plain.state.params) <= 1e-5
+    assert float(engine.eval_step(batches[0])) == pytest.approx(float(plain.eval_step(batches[0])), abs=2e-5)
+    # Params and optimizer state live on the host, laid out over the devices as ZeRO-3's.
+    assert memory_kinds(engine.state.params) == memory_kinds(engine.state.opt_state) == {"pinned_host"}
+    for a, b in zip(jax.tree.leaves(plain.state.params), jax.tree.leaves(engine.state.params)):
+        assert a.sharding.spec == b.sharding.spec
+
+
+@pytest.mark.parametrize("runs", [3], indirect=True)
+def test_param_offload_step_moves_params_and_state(runs, both_offloaded, batches):
+    _, plain, _, _, _ = runs
+    engine, _ = both_offloaded
+    state_leaves = len(jax.tree.leaves(engine.state.params)) + len(jax.tree.leaves(engine.state.opt_state))
+    text = engine.lower_train_step(batches[0]).as_text()
+    assert text.count('mhlo.memory_kind = "pinned_host"') == 2 * state_leaves
+    assert text.count('_xla_buffer_placement = "pinned_host"') == state_leaves
+    a, b = plain.memory_report(), engine.memory_report()
+    assert b["params"] == b["optimizer"] == 0
+    assert b["host"] == a["params"] + a["optimizer"]
+    assert b["grads"] == a["grads"] and b["total"] == b["temp"]
+
+
+def test_param_offload_alone_keeps_the_optimizer_on_device(batches):
+    engine = zerojax.initialize(model_fn=tiny_llama, config=param_config(optimizer=False),
+                                abstract=True, example_batch=batches[0])
+    assert memory_kinds(engine.state.params) == {"pinned_host"}
+    assert memory_kinds(engine.state.opt_state) == {"device"}
+
+
+def test_bf16_masters_go_to_the_host_with_the_optimizer(batches):
+    """Under bf16 the state's params are the fp32 masters DeepSpeed keeps with the
+    offloaded optimizer: they go to the host too, and the run computes the same."""
+    bf16 = {"bf16": {"enabled": True}}
+    plain = zerojax.initialize(model_fn=tiny_llama, config={**config(2, False), **bf16})
+    offloaded = zerojax.initialize(model_fn=tiny_llama, config={**config(2, True), **bf16})
+    assert memory_kinds(offloaded.state.params) == {"pinned_host"}
+    assert {x.dtype for x in jax.tree.leaves(offloaded.state.params)} == {np.dtype(np.float32)}
+    for batch in batches[:2]:
+        a, b = float(plain.train_step(batch)["loss"]), float(offloaded.train_step(batch)["loss"])
+        assert abs(a - b) <= 1e-5
+    assert relative_error(offloaded.state.params, plain.state.params) <= 1e-5
+    assert memory_kinds(offloaded.state.params) == {"pinned_host"}
+
+
+@pytest.mark.parametrize("runs", [3], indirect=True)
+def test_checkpoint_of_a_plain_run_restores_with_params_on_the_host(runs, tmp_path):
+    stage, plain, _, _, _ = runs
+    plain.save_checkpoint(str(tmp_path), "plain")
+    engine = zerojax.initialize(model_fn=tiny_llama, config=param_config())
+    engine.load_checkpoint(str(tmp_path), "plain")
+    assert memory_kinds(engine.state.params) == {"pinned_host"}
+    assert relative_error(engine.state.params, plain.state.params) == 0
+    assert relative_error(engine.state.opt_state, plain.state.opt_state) == 0
+
+
+def test_config_offload_param_cpu_is_accepted_with_deepspeed_buffer_keys():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = Config.load({"zero_optimization": {"stage": 3, "offload_param": {
+            "device": "CPU", "pin_memory": True, "buffer_count": 5, "buffer_size": 1e8, "max_in_cpu": 1e9}}})
+    section = cfg.zero_optimization.offload_param
+    assert (section.device, section.pin_memory, section.enabled) == ("cpu", True, True)
+    assert Config.load(cfg.to_dict()).zero_optimization == cfg.zero_optimization
+    assert not Config.load({}).zero_optimization.offload_param.enabled
+
+
+@pytest.mark.parametrize("zero, message", [
+    ({"stage": 2, "offload_param": {"device": "cpu"}}, r"offload_param needs ZeRO stage 3.*got stage 2"),
+    ({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp/x"}},
+     r'offload_param\.device: "nvme" .*not supported.*offload_optimizer\.device "nvme"'),
+    ({"stage": 3, "offload_param": {"device": "disk"}}, r"offload_param\.device: expected one of"),
+    ({"stage": 3, "offload_param": {"device": "cpu", "pin_memory": 1}}, r"offload_param\.pin_memory"),
+])
+def test_config_bad_offload_param_is_an_error(zero, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.load({"zero_optimization": zero})

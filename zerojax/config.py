@@ -16,7 +16,9 @@ Schema (defaults in parentheses; DeepSpeed's docs describe the DeepSpeed keys)::
           min_loss_scale 1, auto_cast false}
     bf16 {enabled false}                     (old name "bfloat16" accepted)
     gradient_clipping (1.0, DeepSpeed's code default; 0 disables)
-    zero_optimization {stage 0, stage3_param_persistence_threshold 100000}
+    zero_optimization {stage 0, stage3_param_persistence_threshold 100000,
+                       offload_optimizer {device none|cpu|nvme, pin_memory false, ...},
+                       offload_param {device none|cpu (stage 3), pin_memory false}}
     steps_per_print (None)
     tensor_parallel {autotp_size 1}, sequence_parallel_size (1)
     pipeline {stages "auto", partition "best", schedule "1f1b"|"gpipe"|"interleaved",
@@ -100,10 +102,23 @@ class OffloadOptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OffloadParamConfig:
+    """DeepSpeed's `zero_optimization.offload_param` (ZeRO-3 params in host memory)."""
+
+    device: str = "none"             # "none" | "cpu" (host memory)
+    pin_memory: bool = False         # True: pinned (page-locked) host memory, as DeepSpeed
+
+    @property
+    def enabled(self) -> bool:
+        return self.device == "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
 class ZeroConfig:
     stage: int = 0
     stage3_param_persistence_threshold: int = 100_000
     offload_optimizer: OffloadOptimizerConfig = OffloadOptimizerConfig()
+    offload_param: OffloadParamConfig = OffloadParamConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,10 +522,6 @@ _ZERO_NOOP = {
     "pipeline_loading_checkpoint", "leaf_module", "save_muon_momentum_buffer_in_memory"}
 
 
-def _offload_active(value: Any) -> bool:
-    return isinstance(value, Mapping) and str(value.get("device", "none")).lower() not in ("none", "")
-
-
 # DeepSpeed's offload_optimizer keys that need NVMe offload (not built yet) or tune its
 # host-side Adam; accepted and ignored with device "cpu".
 _OFFLOAD_OPTIMIZER_NOOP = {"nvme_path", "buffer_count", "pipeline", "pipeline_read",
@@ -540,8 +551,31 @@ def _parse_offload_optimizer(raw: Any, path: str) -> OffloadOptimizerConfig:
 
 _ZERO["offload_optimizer"] = (_parse_offload_optimizer, OffloadOptimizerConfig())
 
+# DeepSpeed's offload_param buffer knobs size its own staging buffers; XLA schedules the
+# host-to-device copies here, so they have nothing to tune.
+_OFFLOAD_PARAM_NOOP = {"buffer_count", "buffer_size", "max_in_cpu"}
+_OFFLOAD_PARAM = {"device": (_choice("none", "cpu", "nvme"), "none"), "pin_memory": (_bool, False),
+                  "nvme_path": (_optional(_str), None)}
+
+
+def _parse_offload_param(raw: Any, path: str) -> OffloadParamConfig:
+    if raw is None:
+        return OffloadParamConfig()
+    if isinstance(raw, Mapping) and isinstance(raw.get("device"), str):
+        raw = {**raw, "device": raw["device"].lower()}
+    sec = _section(raw, path, _OFFLOAD_PARAM, noop=_OFFLOAD_PARAM_NOOP)
+    if sec["device"] == "nvme":
+        raise ConfigError(
+            f"{path}.device: \"nvme\" (params on NVMe) is not supported: params are read every "
+            f"step, so zerojax keeps them in host memory; use \"device\": \"cpu\" here and put the "
+            f"optimizer state on NVMe with zero_optimization.offload_optimizer.device \"nvme\"")
+    sec.pop("nvme_path")
+    return OffloadParamConfig(**sec)
+
+
+_ZERO["offload_param"] = (_parse_offload_param, OffloadParamConfig())
+
 _ZERO_UNSUPPORTED = {
-    "offload_param": _offload_active,
     "cpu_offload": _is_active, "cpu_offload_param": _is_active, "cpu_offload_use_pin_memory": lambda v: False,
     "zero_hpz_partition_size": lambda v: v not in (None, 0, 1),
     "zero_quantized_weights": _is_active, "zero_quantized_gradients": _is_active,
@@ -691,6 +725,11 @@ class Config:
             raise _fail("zero_optimization", 'an object like {"stage": 2}', top["zero_optimization"])
         zero = ZeroConfig(**_section(top["zero_optimization"], "zero_optimization", _ZERO,
                                      noop=_ZERO_NOOP, unsupported=_ZERO_UNSUPPORTED))
+        if zero.offload_param.enabled and zero.stage != 3:
+            raise ConfigError(
+                f"zero_optimization.offload_param needs ZeRO stage 3 (params partitioned), got "
+                f"stage {zero.stage}; set zero_optimization.stage 3, or offload only the optimizer "
+                f"state with offload_optimizer")
         tp = _section(top["tensor_parallel"], "tensor_parallel", _TENSOR_PARALLEL,
                       unsupported=_TENSOR_PARALLEL_UNSUPPORTED)
         return cls(

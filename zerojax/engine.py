@@ -136,8 +136,14 @@ class Engine:
         if self.offload_memory_kind is not None:
             opt_on_device = offload.with_memory_kind(opt_shardings, offload.DEVICE)
             opt_shardings = offload.with_memory_kind(opt_shardings, self.offload_memory_kind)
+        param_shardings = self.layout.shardings(self.layout.params)
+        self.param_memory_kind = offload.param_memory_kind(config, self.mesh, self.compute_dtype)
+        params_on_device = None
+        if self.param_memory_kind is not None:
+            params_on_device = offload.with_memory_kind(param_shardings, offload.DEVICE)
+            param_shardings = offload.with_memory_kind(param_shardings, self.param_memory_kind)
         self.state_shardings = TrainState(
-            params=self.layout.shardings(self.layout.params),
+            params=param_shardings,
             opt_state=opt_shardings,
             step=_replicated(self.mesh, 0),
             loss_scale=replicated(loss_scale),
@@ -166,7 +172,7 @@ class Engine:
             gradient_clipping=config.gradient_clipping, fp16=config.fp16.enabled, config=config,
             cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32,
             logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
-            opt_state_on_device=opt_on_device)
+            opt_state_on_device=opt_on_device, params_on_device=params_on_device)
         metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),
@@ -447,8 +453,10 @@ class Engine:
         params/grads/optimizer come from the shardings; temp and arguments from the
         compiler. Gradients live inside temp (made and consumed within the step), so
         total = params + optimizer + temp: device memory. `host` is the state kept in host
-        memory per device: with ZeRO-Offload the optimizer state, which `optimizer` (device
-        bytes) then leaves out, as DeepSpeed counts offloaded state as CPU memory.
+        memory per device: with ZeRO-Offload the optimizer state (and the params with
+        `offload_param`, or the fp32 masters under bf16/fp16), which `optimizer` and
+        `params` (device bytes) then leave out, as DeepSpeed counts offloaded state as CPU
+        memory.
         """
         analysis = self._compiled("train", self._abstract_batch(batch)).memory_analysis()
         params = _bytes_per_device(self.state.params, self.state_shardings.params)
@@ -456,6 +464,8 @@ class Engine:
         host = 0
         if self.offload_memory_kind is not None:
             optimizer, host = 0, optimizer
+        if self.param_memory_kind is not None:
+            params, host = 0, host + params
         grads = _bytes_per_device(self._abstract_params, self.layout.shardings(self.layout.grads))
         temp = int(analysis.temp_size_in_bytes)
         return {"params": params, "grads": grads, "optimizer": optimizer, "temp": temp,

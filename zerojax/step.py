@@ -48,6 +48,9 @@ class StepSpec:
     # ZeRO-Offload: device-memory shardings the host-resident optimizer state is moved to
     # for the update (the step's out_shardings put it back on the host); None: no offload.
     opt_state_on_device: Any = None
+    # ... and the host-resident params (offload_param, or fp32 masters offloaded with the
+    # optimizer under bf16/fp16), moved to the device for the step; None: params on device.
+    params_on_device: Any = None
 
 
 def _constrain(tree: Any, specs: Any, mesh) -> Any:
@@ -122,7 +125,15 @@ def accumulate_gradients(spec: StepSpec, state: TrainState, batch: Any):
     return grads, jnp.mean(losses), jax.tree.map(jnp.mean, metrics), model_state
 
 
+def params_for_step(spec: StepSpec, params: Any) -> Any:
+    """The params in device memory (a no-op unless they are offloaded to the host)."""
+    if spec.params_on_device is None:
+        return params
+    return jax.device_put(params, spec.params_on_device)
+
+
 def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    state = state._replace(params=params_for_step(spec, state.params))
     grads, loss, model_metrics, model_state = accumulate_gradients(spec, state, batch)
     # Unscale and average over micro-batches (DeepSpeed divides the loss by gas).
     grads = jax.tree.map(lambda g: g / (state.loss_scale.scale * spec.micro_batches), grads)
@@ -162,5 +173,5 @@ def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainStat
 
 
 def eval_loss(spec: StepSpec, state: TrainState, batch: Any) -> jax.Array:
-    loss, _ = model_loss(spec, state.params, state.model_state, batch)
+    loss, _ = model_loss(spec, params_for_step(spec, state.params), state.model_state, batch)
     return loss
