@@ -62,12 +62,20 @@ def test_stage3_remat_does_not_keep_gathered_params():
 
 
 def test_auto_remat_rule():
+    from zerojax.config import ActivationCheckpointingConfig, RematPolicy
     from zerojax.engine import resolve_remat
-    assert resolve_remat("auto", 3, False, "gpu") == "full"           # never keep gathered params
-    assert resolve_remat("auto", 1, True, "gpu") == "full"            # DeepSpeed's section asks for it
-    assert resolve_remat("auto", 1, False, "gpu") == "none"
-    assert resolve_remat("auto", 0, False, "cpu") == "minimal"        # recompute beats memory traffic
-    assert resolve_remat("none", 3, True, "cpu") == "none"            # an explicit choice wins
+    section = ActivationCheckpointingConfig()
+    assert resolve_remat("auto", 3, None, "gpu") == "full"            # never keep gathered params
+    assert resolve_remat("auto", 1, section, "gpu") == "full"         # DeepSpeed's section asks for it
+    assert resolve_remat("auto", 1, None, "gpu") == "none"
+    assert resolve_remat("auto", 0, None, "cpu") == "minimal"         # recompute beats memory traffic
+    assert resolve_remat("none", 3, section, "cpu") == "none"         # an explicit choice wins
+    # DeepSpeed's cpu_checkpointing keeps each layer's input in host memory.
+    cpu = ActivationCheckpointingConfig(cpu_checkpointing=True)
+    assert resolve_remat("auto", 1, cpu, "gpu") == RematPolicy("full", offload=("layer_input",))
+    assert resolve_remat("minimal", 1, cpu, "gpu") == RematPolicy("minimal", offload=("layer_input",))
+    saved = RematPolicy("full", save=("layer_input",))
+    assert resolve_remat(saved, 1, cpu, "gpu") == saved               # the policy's own choice wins
 
 
 def test_train_step_and_memory_report_share_one_compile():

@@ -15,7 +15,10 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from zerojax.config import REMAT_MATMUL_NAMES, REMAT_NAMES
 
 LogicalAxes = tuple[str | None, ...]
 
@@ -28,7 +31,7 @@ class ComputePolicy:
     mesh: Mesh | None = None                       # None: no layout constraints at all
     rules: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # logical name -> mesh axes
     gather_params: bool = False                    # ZeRO-3: gather a layer's params at use
-    remat: str = "none"                            # "full" | "minimal" | "none"
+    remat: Any = "none"                            # "full" | "minimal" | "none" | config.RematPolicy
     kernels: str = "xla"                           # "xla" | "pallas"
     sequence_parallel: str = "ulysses"             # attention over a sharded length: "ulysses" | "ring"
 
@@ -99,18 +102,59 @@ def for_compute(params: Any, logical_axes: Any) -> Any:
                         is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
 
 
+_BASE_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def name(x: jax.Array, tensor: str) -> jax.Array:
+    """Tag an activation inside a layer with one of `config.REMAT_NAMES`, so a per-tensor remat
+    policy can save, offload or recompute it (a no-op outside `jax.checkpoint`)."""
+    if tensor not in REMAT_NAMES:
+        raise ValueError(f"unknown activation name {tensor!r}; add it to zerojax.config.REMAT_NAMES")
+    return checkpoint_name(x, tensor)
+
+
+def checkpoint_policy(remat: Any) -> Callable | None:
+    """The `jax.checkpoint` policy for a remat mode or `RematPolicy`; None: no checkpointing.
+
+    A `RematPolicy` decides its named tensors (save / offload to pinned host memory /
+    recompute); its base mode decides the other names, and unnamed values are recomputed
+    (kept under "none").
+    """
+    if isinstance(remat, str):
+        if remat not in _BASE_POLICIES:
+            raise ValueError(f"unknown remat mode {remat!r}; expected 'full', 'minimal' or 'none'")
+        return None if remat == "none" else _BASE_POLICIES[remat]
+    # The base decides by name too: a dot-based "minimal" would keep a matmul output that a
+    # name in `remat` asks to recompute (the policy sees the dot, not the name after it).
+    listed = set(remat.save) | set(remat.offload) | set(remat.remat)
+    kept = {"full": (), "minimal": REMAT_MATMUL_NAMES, "none": REMAT_NAMES}[remat.policy]
+    save = tuple(remat.save) + tuple(n for n in kept if n not in listed)
+    by_name = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=save, names_which_can_be_offloaded=remat.offload,
+        offload_src="device", offload_dst="pinned_host")
+    if remat.policy != "none":
+        return by_name
+    everything = jax.checkpoint_policies.everything_saveable
+
+    def policy(prim, *args, **params):
+        if prim.name == "name":
+            return by_name(prim, *args, **params)
+        return everything(prim, *args, **params)
+
+    return policy
+
+
 def remat(fn: Callable) -> Callable:
-    """Wrap a layer body in `jax.checkpoint` per the policy's remat mode.
+    """Wrap a layer body in `jax.checkpoint` per the policy's remat setting.
 
     "full" saves nothing inside the layer (so ZeRO-3's gathered params are re-gathered in
     the backward pass rather than kept); "minimal" saves matmul outputs that need no
-    batch dimension contraction; "none" keeps everything.
+    batch dimension contraction; "none" keeps everything; a `RematPolicy` also saves,
+    offloads or recomputes named activations (`name`).
     """
-    mode = current().remat
-    if mode == "none":
-        return fn
-    if mode == "full":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-    if mode == "minimal":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    raise ValueError(f"unknown remat mode {mode!r}; expected 'full', 'minimal' or 'none'")
+    policy = checkpoint_policy(current().remat)
+    return fn if policy is None else jax.checkpoint(fn, policy=policy)

@@ -16,14 +16,17 @@ Schema (defaults in parentheses; DeepSpeed's docs describe the DeepSpeed keys)::
           min_loss_scale 1, auto_cast false}
     bf16 {enabled false}                     (old name "bfloat16" accepted)
     gradient_clipping (1.0, DeepSpeed's code default; 0 disables)
-    zero_optimization {stage 0, stage3_param_persistence_threshold 100000,
-                       offload_optimizer {device none|cpu|nvme, pin_memory false, ...},
+    zero_optimization {stage 0, stage3_param_persistence_threshold 100000, sub_group_size 1e9,
+                       offload_optimizer {device none|cpu|nvme, pin_memory false, ratio 1,
+                                          nvme_path (required with nvme), buffer_count 4,
+                                          pipeline_read false, pipeline_write false, fast_init false},
                        offload_param {device none|cpu (stage 3), pin_memory false}}
     steps_per_print (None)
     tensor_parallel {autotp_size 1}, sequence_parallel_size (1)
     pipeline {stages "auto", partition "best", schedule "1f1b"|"gpipe"|"interleaved",
               activation_checkpoint_interval 0, seed_layers, pipe_partitioned, grad_partitioned}
     activation_checkpointing {partition_activations, cpu_checkpointing, ...}
+    aio {block_size 1048576, thread_count 1 (or intra_op_parallelism): NVMe offload's I/O}
     zerojax {mesh {data -1, sequence 1, tensor 1, pipe 1, replica 1},
              kernels "auto"|"xla"|"pallas", remat "auto"|"full"|"minimal"|"none" ("auto": full
              under ZeRO-3 or with an activation_checkpointing section, else none),
@@ -90,14 +93,20 @@ class BF16Config:
 
 @dataclasses.dataclass(frozen=True)
 class OffloadOptimizerConfig:
-    """DeepSpeed's `zero_optimization.offload_optimizer` (ZeRO-Offload)."""
+    """DeepSpeed's `zero_optimization.offload_optimizer` (ZeRO-Offload, ZeRO-Infinity)."""
 
-    device: str = "none"             # "none" | "cpu" (host memory) | "nvme" (not built yet)
+    device: str = "none"             # "none" | "cpu" (host memory) | "nvme" (files: zerojax.nvme)
     pin_memory: bool = False         # True: pinned (page-locked) host memory, as DeepSpeed
     ratio: float = 1.0               # share of the state offloaded; only 1.0 is implemented
+    nvme_path: str | None = None     # nvme: the directory of the state files (created if missing)
+    buffer_count: int = 4            # nvme: sub-groups' state held in host RAM at most
+    pipeline_read: bool = False      # nvme: read the next sub-groups during an update
+    pipeline_write: bool = False     # nvme: write a sub-group during the next update
+    fast_init: bool = False          # nvme: zerojax always writes the initial state directly
 
     @property
     def enabled(self) -> bool:
+        """The state lives in host memory (device "cpu"); "nvme" is `zerojax.nvme`'s."""
         return self.device == "cpu"
 
 
@@ -117,6 +126,7 @@ class OffloadParamConfig:
 class ZeroConfig:
     stage: int = 0
     stage3_param_persistence_threshold: int = 100_000
+    sub_group_size: int = 1_000_000_000    # elements per NVMe optimizer update (DeepSpeed's 1e9)
     offload_optimizer: OffloadOptimizerConfig = OffloadOptimizerConfig()
     offload_param: OffloadParamConfig = OffloadParamConfig()
 
@@ -156,11 +166,35 @@ class SequenceParallelConfig:
     strategy: str = "ulysses"
 
 
+# Activations the reference models name (jax.ad_checkpoint.checkpoint_name) inside a
+# transformer layer, so a remat policy can save, offload or recompute each by name.
+REMAT_NAMES = ("layer_input", "query", "key", "value", "attention", "attention_out",
+               "mlp_gate", "mlp_up", "mlp_hidden", "mlp_out")
+# The named matmul outputs: what a RematPolicy's "minimal" base keeps.
+REMAT_MATMUL_NAMES = ("query", "key", "value", "attention_out", "mlp_gate", "mlp_up", "mlp_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class RematPolicy:
+    """`"zerojax": {"remat": {...}}`: a base mode plus per-tensor choices by name.
+
+    Inside each layer, the named activations in `save` are kept for the backward pass, those
+    in `offload` are kept in host memory (and copied back for the backward pass), those in
+    `remat` are recomputed. The rest follow `policy`: "full" recomputes them; "minimal"
+    keeps the named matmul outputs (REMAT_MATMUL_NAMES) and recomputes everything else;
+    "none" keeps everything (so it takes no `remat` names: nothing would be recomputed)."""
+
+    policy: str = "full"
+    save: tuple[str, ...] = ()
+    offload: tuple[str, ...] = ()
+    remat: tuple[str, ...] = ()
+
+
 @dataclasses.dataclass(frozen=True)
 class ZeroJaxConfig:
     mesh: MeshConfig = MeshConfig()
     kernels: str = "auto"
-    remat: str = "auto"
+    remat: str | RematPolicy = "auto"
     weight_decay_mask: str = "all"
     sequence_parallel: SequenceParallelConfig = SequenceParallelConfig()
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -169,6 +203,14 @@ class ZeroJaxConfig:
     rlhf: dict[str, Any] = dataclasses.field(default_factory=dict)
     compilation_cache: str | None = None
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AioConfig:
+    """DeepSpeed's `aio` section, for NVMe offload's file I/O (zerojax.nvme)."""
+    block_size: int = 1_048_576      # bytes per read/write call
+    thread_count: int = 1            # I/O threads (DeepSpeed's older name)
+    intra_op_parallelism: int = 1    # I/O threads (DeepSpeed's newer name); the larger one is used
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,14 +548,15 @@ _BF16 = {"enabled": (_bool, False)}
 _BF16_NOOP = {"immediate_grad_update", "check_grad_overflow"}
 _BF16_UNSUPPORTED = {"bf16_master_weights_and_grads": _is_active, "bf16_optimizer_states": _is_active}
 
-_ZERO = {"stage": (_int(0, 3), 0), "stage3_param_persistence_threshold": (_int(0), 100_000)}
+_ZERO = {"stage": (_int(0, 3), 0), "stage3_param_persistence_threshold": (_int(0), 100_000),
+         "sub_group_size": (_int(1), 1_000_000_000)}
 # Communication scheduling and bucketing that XLA does by itself.
 _ZERO_NOOP = {
     "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
     "reduce_scatter", "allgather_partitions", "stage3_prefetch_bucket_size",
     "stage3_max_live_parameters", "stage3_max_reuse_distance",
     "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
-    "sub_group_size", "round_robin_gradients", "use_multi_rank_bucket_allreduce",
+    "round_robin_gradients", "use_multi_rank_bucket_allreduce",
     "compute_grad_norm", "load_from_fp32_weights", "elastic_checkpoint", "ignore_unused_parameters",
     "legacy_stage1", "parameter_alignment", "memory_efficient_linear",
     "stage3_model_persistence_threshold", "stage3_module_granularity_threshold",
@@ -522,13 +565,15 @@ _ZERO_NOOP = {
     "pipeline_loading_checkpoint", "leaf_module", "save_muon_momentum_buffer_in_memory"}
 
 
-# DeepSpeed's offload_optimizer keys that need NVMe offload (not built yet) or tune its
-# host-side Adam; accepted and ignored with device "cpu".
-_OFFLOAD_OPTIMIZER_NOOP = {"nvme_path", "buffer_count", "pipeline", "pipeline_read",
-                           "pipeline_write", "fast_init", "super_offload", "cpuadam_cores_perc"}
+# DeepSpeed's offload_optimizer keys that tune its host-side Adam (or, `pipeline`, that it
+# derives from pipeline_read/pipeline_write itself); accepted and ignored.
+_OFFLOAD_OPTIMIZER_NOOP = {"pipeline", "super_offload", "cpuadam_cores_perc"}
 _OFFLOAD_OPTIMIZER = {"device": (_choice("none", "cpu", "nvme"), "none"),
                       "pin_memory": (_bool, False),
-                      "ratio": (_num(0.0, 1.0, lo_open=True), 1.0)}
+                      "ratio": (_num(0.0, 1.0, lo_open=True), 1.0),
+                      "nvme_path": (_optional(_str), None), "buffer_count": (_int(1), 4),
+                      "pipeline_read": (_bool, False), "pipeline_write": (_bool, False),
+                      "fast_init": (_bool, False)}
 
 
 def _parse_offload_optimizer(raw: Any, path: str) -> OffloadOptimizerConfig:
@@ -538,12 +583,14 @@ def _parse_offload_optimizer(raw: Any, path: str) -> OffloadOptimizerConfig:
         raw = {**raw, "device": raw["device"].lower()}      # DeepSpeed accepts "CPU"
     sec = _section(raw, path, _OFFLOAD_OPTIMIZER, noop=_OFFLOAD_OPTIMIZER_NOOP)
     if sec["device"] == "nvme":
-        _warn(f"{path}.device: \"nvme\" (ZeRO-Infinity) is not implemented in zerojax yet; the "
-              f"optimizer state stays in device memory (use \"cpu\" for host memory)",
-              UnsupportedKeyWarning)
-        return OffloadOptimizerConfig(**sec)        # recorded as asked; `enabled` is False
-    if sec["device"] == "cpu" and sec["ratio"] < 1.0:
-        _warn(f"{path}.ratio: only ratio 1.0 (the whole optimizer state on the host) is "
+        if not sec["nvme_path"]:
+            raise ConfigError(f"{path}.nvme_path: required with device \"nvme\"; set it to a directory "
+                              f"on a fast local disk (created if missing), e.g. \"/local_nvme\"")
+        if sec["pin_memory"]:
+            _warn(f"{path}.pin_memory: has no effect with device \"nvme\" (the sub-groups are "
+                  f"staged in ordinary host buffers and updated on the host CPU)", UnsupportedKeyWarning)
+    if sec["device"] != "none" and sec["ratio"] < 1.0:
+        _warn(f"{path}.ratio: only ratio 1.0 (the whole optimizer state offloaded) is "
               f"implemented; got {sec['ratio']:g}, so all of it is offloaded", UnsupportedKeyWarning)
         sec["ratio"] = 1.0
     return OffloadOptimizerConfig(**sec)
@@ -605,7 +652,7 @@ _MESH = {"data": (_int(-1), -1), "sequence": (_int(1), 1), "tensor": (_int(1), 1
 _ZEROJAX = {
     "mesh": (lambda v, p: v, None), "sequence_parallel": (lambda v, p: v, None),  # parsed below
     "kernels": (_choice("auto", "xla", "pallas"), "auto"),
-    "remat": (_choice("auto", "full", "minimal", "none"), "auto"),
+    "remat": (lambda v, p: v, "auto"),      # parsed below: a mode or a per-tensor policy
     "weight_decay_mask": (_choice("all", "no_bias_norm"), "all"),
     "model": (_free_dict, {}), "data": (_free_dict, {}), "train": (_free_dict, {}),
     "rlhf": (_free_dict, {}),       # checked per algorithm by zerojax.rlhf.settings
@@ -620,10 +667,51 @@ _TRAIN = {
     "keep_every": (_optional(_int(1)), None), "async_checkpointing": (_bool, False),
     "out": (_optional(_str), None)}
 _MONITOR = {"enabled": (_bool, False), "output_path": (_str, ""), "job_name": (_str, "DeepSpeedJobName")}
+_AIO = {"block_size": (_int(1), 1_048_576), "thread_count": (_int(1), 1),
+        "intra_op_parallelism": (_int(1), 1)}
+# libaio / GPUDirect Storage knobs with no counterpart in plain pread/pwrite: warned when
+# set to other than DeepSpeed's defaults.
+_AIO_UNSUPPORTED = {"queue_depth": lambda v: v != 8, "single_submit": lambda v: v is not False,
+                    "overlap_events": lambda v: v is not True, "use_gds": lambda v: v is not False}
+
+
+def _names(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _fail(path, f"a list of tensor names from {list(REMAT_NAMES)}", value)
+    for name in value:
+        if name not in REMAT_NAMES:
+            close = difflib.get_close_matches(name, REMAT_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown tensor name {name!r}{hint}; the layers name "
+                              f"{', '.join(REMAT_NAMES)}")
+    return tuple(value)
+
+
+def _parse_remat(value: Any) -> str | RematPolicy:
+    """`zerojax.remat`: "auto" | "full" | "minimal" | "none" | {policy, save, offload, remat}."""
+    if not isinstance(value, Mapping):
+        return _choice("auto", "full", "minimal", "none")(value, "zerojax.remat")
+    sec = _section(value, "zerojax.remat", {
+        "policy": (_choice("full", "minimal", "none"), "full"),
+        "save": (lambda v, p: _names(v, p), ()), "offload": (lambda v, p: _names(v, p), ()),
+        "remat": (lambda v, p: _names(v, p), ())})
+    seen: dict[str, str] = {}
+    for key in ("save", "offload", "remat"):
+        for name in sec[key]:
+            if name in seen:
+                raise ConfigError(f"zerojax.remat: {name!r} is in both {seen[name]!r} and {key!r}; "
+                                  f"name each tensor in one list")
+            seen[name] = key
+    if sec["policy"] == "none" and sec["remat"]:
+        raise ConfigError(f"zerojax.remat: policy \"none\" keeps every activation, so the names in "
+                          f"'remat' ({', '.join(sec['remat'])}) would still be kept; use policy "
+                          f"\"minimal\" or \"full\"")
+    return RematPolicy(**sec)
 
 
 def _parse_zerojax(raw: Any) -> ZeroJaxConfig:
     sec = _section(raw, "zerojax", _ZEROJAX)
+    sec["remat"] = _parse_remat(sec["remat"])
     sec["train"] = _section(sec["train"], "zerojax.train", _TRAIN)
     mesh = _section(sec["mesh"], "zerojax.mesh", _MESH)
     if mesh["data"] == 0:
@@ -643,7 +731,7 @@ _TOP_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {k: _is_active for k in (
     "amp", "sparse_attention", "dump_state", "gradient_accumulation_dtype", "data_types",
     "disable_allgather", "sparse_gradients", "eigenvalue", "progressive_layer_drop",
     "curriculum_learning", "quantize_training", "weight_quantization", "torch_autocast",
-    "compile", "aio", "nebula", "timers", "graph_harvesting", "moe", "expert_parallel",
+    "compile", "nebula", "timers", "graph_harvesting", "moe", "expert_parallel",
     "zenflow", "use_node_local_storage", "vocabulary_size", "disable_python_gc",
     "managed_gradient_accumulation", "use_data_before_expert_parallelism", "log_level",
     "gradient_allreduce_op", "domino", "superoffload")}
@@ -660,6 +748,7 @@ _TOP = {
     "tensor_parallel": (lambda v, p: v, None), "sequence_parallel_size": (_int(1), 1),
     "pipeline": (lambda v, p: v, None), "activation_checkpointing": (lambda v, p: v, None),
     "tensorboard": (lambda v, p: v, None), "csv_monitor": (lambda v, p: v, None),
+    "aio": (lambda v, p: v, None),
     "zerojax": (lambda v, p: v, None),
 }
 
@@ -687,6 +776,7 @@ class Config:
     activation_checkpointing: ActivationCheckpointingConfig = ActivationCheckpointingConfig()
     tensorboard: MonitorConfig = MonitorConfig()
     csv_monitor: MonitorConfig = MonitorConfig()
+    aio: AioConfig = AioConfig()
     zerojax: ZeroJaxConfig = ZeroJaxConfig()
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -749,6 +839,7 @@ class Config:
                 top["activation_checkpointing"], "activation_checkpointing", _ACTIVATION_CHECKPOINTING)),
             tensorboard=MonitorConfig(**_section(top["tensorboard"], "tensorboard", _MONITOR)),
             csv_monitor=MonitorConfig(**_section(top["csv_monitor"], "csv_monitor", _MONITOR)),
+            aio=AioConfig(**_section(top["aio"], "aio", _AIO, unsupported=_AIO_UNSUPPORTED)),
             zerojax=_parse_zerojax(top["zerojax"]),
             raw=raw,
         )
@@ -793,6 +884,7 @@ class Config:
             activation_checkpointing=dataclasses.asdict(self.activation_checkpointing),
             tensorboard=dataclasses.asdict(self.tensorboard),
             csv_monitor=dataclasses.asdict(self.csv_monitor),
+            aio=dataclasses.asdict(self.aio),
             zerojax=dataclasses.asdict(self.zerojax),
         )
         if self.steps_per_print is not None:

@@ -19,8 +19,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import checkpoint, compute, host_memory, kernels, offload, optim, partition, precision
-from zerojax.config import BatchSizes, Config, ConfigError
+from zerojax import checkpoint, compute, host_memory, kernels, nvme, offload, optim, partition, precision
+from zerojax.config import BatchSizes, Config, ConfigError, RematPolicy
 from zerojax.errors import CheckpointError
 from zerojax.mesh import BATCH_AXES, build_mesh, data_parallel_size
 from zerojax.step import StepSpec, TrainState, eval_loss, train_step
@@ -59,20 +59,29 @@ def use_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def resolve_remat(remat: str, stage: int, has_checkpointing_section: bool, platform: str) -> str:
-    """The remat mode "auto" stands for.
+def resolve_remat(remat: Any, stage: int, checkpointing: Any, platform: str) -> Any:
+    """The remat setting the layers use: a mode ("full" | "minimal" | "none") or a RematPolicy.
 
-    ZeRO-3 must not keep gathered params for the backward pass: "full". A DeepSpeed
+    "auto": ZeRO-3 must not keep gathered params for the backward pass: "full". A DeepSpeed
     `activation_checkpointing` section asks for it too. On CPU, saving every intermediate
     costs more memory traffic than recomputing the element-wise work, so "minimal" (keep
     only matmul outputs) is both faster and smaller there (benchmarks/NOTES.md); on
     accelerators keep everything, as DeepSpeed does when nothing is asked.
+    `checkpointing`: the parsed `activation_checkpointing` section, or None when absent.
+    Its `cpu_checkpointing` (DeepSpeed: keep the checkpointed layer inputs in CPU memory)
+    offloads each layer's input to pinned host memory, unless the remat policy names it.
     """
-    if remat != "auto":
-        return remat
-    if stage >= 3 or has_checkpointing_section:
-        return "full"
-    return "minimal" if platform == "cpu" else "none"
+    if remat == "auto":
+        if stage >= 3 or checkpointing is not None:
+            remat = "full"
+        else:
+            remat = "minimal" if platform == "cpu" else "none"
+    if checkpointing is not None and checkpointing.cpu_checkpointing:
+        policy = remat if isinstance(remat, RematPolicy) else RematPolicy(policy=remat)
+        if "layer_input" not in policy.save + policy.offload + policy.remat:
+            policy = dataclasses.replace(policy, offload=policy.offload + ("layer_input",))
+        return policy
+    return remat
 
 
 class Engine:
@@ -111,9 +120,8 @@ class Engine:
             persistence_threshold=config.zero_optimization.stage3_param_persistence_threshold,
             rules=self.rules)
 
-        self.tx = optim.build_optimizer(
-            config, optimizer=optimizer,
-            decay_mask=decay_mask(logical, abstract_params, config.zerojax.weight_decay_mask))
+        mask = decay_mask(logical, abstract_params, config.zerojax.weight_decay_mask)
+        self.tx = optim.build_optimizer(config, optimizer=optimizer, decay_mask=mask)
         self.lr_fn = optim.lr_schedule(config, optimizer=optimizer)
         # A model names the param subtrees that never train (e.g. DPO's reference policy):
         # the optimizer and its state cover the others only.
@@ -142,6 +150,15 @@ class Engine:
         if self.param_memory_kind is not None:
             params_on_device = offload.with_memory_kind(param_shardings, offload.DEVICE)
             param_shardings = offload.with_memory_kind(param_shardings, self.param_memory_kind)
+        self.nvme: nvme.NvmeOptimizer | None = None
+        if nvme.enabled(config):
+            # ZeRO-Infinity: the state lives in files; the state keeps the optimizer's scalars.
+            self.nvme = nvme.NvmeOptimizer(
+                config=config, mesh=self.mesh, abstract_params=abstract_params,
+                param_shardings=param_shardings, trained=tuple(trained) if frozen else None,
+                decay_mask=mask, canonical_abstract=abstract_opt, canonical_shardings=opt_shardings,
+                optimizer=optimizer, create_files=not abstract)
+            abstract_opt, opt_shardings = self.nvme.abstract_scalars, self.nvme.scalar_shardings
         self.state_shardings = TrainState(
             params=param_shardings,
             opt_state=opt_shardings,
@@ -159,7 +176,8 @@ class Engine:
         else:
             self.state: TrainState = self._create_state(model, model_fn, seed, loss_scale)
 
-        remat = resolve_remat(config.zerojax.remat, stage, "activation_checkpointing" in config.raw,
+        checkpointing = config.activation_checkpointing if "activation_checkpointing" in config.raw else None
+        remat = resolve_remat(config.zerojax.remat, stage, checkpointing,
                               self.mesh.devices.flat[0].platform)
         self.policy = compute.ComputePolicy(
             dtype=self.compute_dtype, mesh=self.mesh, rules=self.rules,
@@ -177,6 +195,9 @@ class Engine:
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),
                                    donate_argnums=0)
+        if self.nvme is not None:     # gradients only: the update runs sub-group by sub-group
+            self._train_step = self.nvme.jit_gradient_step(
+                self.step_spec, self.state_shardings, self.layout.shardings(self.layout.zero), metrics_sharding)
         self._eval_step = jax.jit(functools.partial(eval_loss, self.step_spec),
                                   out_shardings=metrics_sharding)
         self._example_batch = example_batch
@@ -244,7 +265,8 @@ class Engine:
             # and donating the aliased buffer later fails.
             params = jax.device_put(jax.tree.map(np.asarray, nnx.to_pure_dict(params)), shardings.params)
             rest = jax.device_put(jax.tree.map(self._host_copy, nnx.to_pure_dict(rest)), shardings.model_state)
-        opt_state = jax.jit(self.tx.init, out_shardings=shardings.opt_state)(params)
+        opt_state = (self.nvme.initialize(params) if self.nvme is not None
+                     else jax.jit(self.tx.init, out_shardings=shardings.opt_state)(params))
         return TrainState(
             params=params, opt_state=opt_state,
             step=jax.device_put(np.asarray(0, np.int32), shardings.step),
@@ -296,7 +318,11 @@ class Engine:
         batch = self.shard_batch(batch, rows=self.batch_sizes.train_batch_size)
         if self._example_batch is None:
             self._example_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-        self.state, metrics = self._compiled("train", batch)(self.state, batch)
+        compiled = self._compiled("train", batch)
+        if self.nvme is not None:
+            self.state, metrics = self.nvme.train_step(compiled, self.state, batch)
+        else:
+            self.state, metrics = compiled(self.state, batch)
         self.global_steps += 1
         return metrics
 
@@ -367,14 +393,16 @@ class Engine:
         except TypeError as e:
             raise CheckpointError(f"client_state must be JSON-serialisable (it is stored as JSON, "
                                   f"never pickled): {e}") from None
+        # The plain run's optax tree also under NVMe offload, so checkpoints move between them.
+        opt_state = self.nvme.canonical_opt_state() if self.nvme is not None else self.state.opt_state
         state = {"params": checkpoint.to_nested(self.state.params),
-                 "train": {"opt_state": checkpoint.to_nested(self.state.opt_state),
+                 "train": {"opt_state": checkpoint.to_nested(opt_state),
                            "step": self.state.step,
                            "loss_scale": checkpoint.to_nested(self.state.loss_scale),
                            "model_state": checkpoint.to_nested(self.state.model_state)}}
         meta = {"format": checkpoint.FORMAT_VERSION, "tag": tag, "global_steps": self.global_steps,
                 "params": checkpoint.shapes_of(checkpoint.to_nested(self.state.params)),
-                "opt_state": checkpoint.shapes_of(checkpoint.to_nested(self.state.opt_state)),
+                "opt_state": checkpoint.shapes_of(checkpoint.to_nested(opt_state)),
                 "fp16": self.config.fp16.enabled, "model": self.model_section,
                 "client_state": client_state}
         if self._saver is None:
@@ -406,12 +434,16 @@ class Engine:
             lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
         target = {"params": checkpoint.to_nested(abstract(self.state.params, self.state_shardings.params))}
         full = load_optimizer_states and not load_module_only
+        # Under NVMe offload the checkpoint holds the plain run's optax tree (zerojax.nvme).
+        opt_like, opt_shardings = ((self.nvme.canonical_abstract, self.nvme.canonical_shardings)
+                                   if self.nvme is not None else
+                                   (self.state.opt_state, self.state_shardings.opt_state))
         if full:
-            if meta["opt_state"] != checkpoint.shapes_of(checkpoint.to_nested(self.state.opt_state)):
+            if meta["opt_state"] != checkpoint.shapes_of(checkpoint.to_nested(opt_like)):
                 raise CheckpointError(
                     f"checkpoint {where} holds optimizer state of another optimizer or model; "
                     f"load it with load_optimizer_states=False to start the optimizer fresh")
-            train = {"opt_state": checkpoint.to_nested(abstract(self.state.opt_state, self.state_shardings.opt_state)),
+            train = {"opt_state": checkpoint.to_nested(abstract(opt_like, opt_shardings)),
                      "step": abstract(self.state.step, self.state_shardings.step),
                      "model_state": checkpoint.to_nested(abstract(self.state.model_state,
                                                                   self.state_shardings.model_state))}
@@ -423,7 +455,9 @@ class Engine:
         new = {"params": checkpoint.from_nested(self.state.params, restored["params"])}
         if full:
             train = restored["train"]
-            new["opt_state"] = checkpoint.from_nested(self.state.opt_state, train["opt_state"])
+            new["opt_state"] = checkpoint.from_nested(opt_like, train["opt_state"])
+            if self.nvme is not None:      # into the files; the state keeps the scalars
+                new["opt_state"] = self.nvme.load(new["opt_state"], steps=int(train["step"]))
             new["step"] = train["step"]
             new["model_state"] = checkpoint.from_nested(self.state.model_state, train["model_state"])
             if "loss_scale" in train:
@@ -456,7 +490,8 @@ class Engine:
         memory per device: with ZeRO-Offload the optimizer state (and the params with
         `offload_param`, or the fp32 masters under bf16/fp16), which `optimizer` and
         `params` (device bytes) then leave out, as DeepSpeed counts offloaded state as CPU
-        memory.
+        memory. With NVMe offload `optimizer` is the optimizer's scalars alone and `nvme` the
+        state in files, per device (zerojax.nvme).
         """
         analysis = self._compiled("train", self._abstract_batch(batch)).memory_analysis()
         params = _bytes_per_device(self.state.params, self.state_shardings.params)
@@ -468,9 +503,12 @@ class Engine:
             params, host = 0, host + params
         grads = _bytes_per_device(self._abstract_params, self.layout.shardings(self.layout.grads))
         temp = int(analysis.temp_size_in_bytes)
-        return {"params": params, "grads": grads, "optimizer": optimizer, "temp": temp,
-                "arguments": int(analysis.argument_size_in_bytes),
-                "total": params + optimizer + temp, "host": host}
+        report = {"params": params, "grads": grads, "optimizer": optimizer, "temp": temp,
+                  "arguments": int(analysis.argument_size_in_bytes),
+                  "total": params + optimizer + temp, "host": host}
+        if self.nvme is not None:
+            report["nvme"] = self.nvme.bytes_per_device
+        return report
 
 
 def initialize(model: nnx.Module | None = None, config: Any = None, *,

@@ -99,13 +99,18 @@ def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array], attend=L.causa
     q_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["q_proj"], p["q_bias"]), L.BLHK)
     k_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["k_proj"], p["k_bias"]), L.BLHK)
     v_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["v_proj"], p["v_bias"]), L.BLHK)
-    out_BLHK = attend(q_BLHK, k_BLHK, v_BLHK)
-    return L.matmul("blhk,hkd->bld", out_BLHK, p["attn_proj"], p["attn_proj_bias"])
+    q_BLHK, k_BLHK, v_BLHK = (compute.name(t, n) for t, n in
+                              ((q_BLHK, "query"), (k_BLHK, "key"), (v_BLHK, "value")))
+    out_BLHK = compute.name(attend(q_BLHK, k_BLHK, v_BLHK), "attention")
+    out_BLD = L.matmul("blhk,hkd->bld", out_BLHK, p["attn_proj"], p["attn_proj_bias"])
+    return compute.name(out_BLD, "attention_out")
 
 
 def mlp_block(x_BLD: jax.Array, p: Mapping[str, jax.Array], act) -> jax.Array:
-    h_BLF = compute.constrain(act(L.matmul("bld,df->blf", x_BLD, p["c_fc"], p["c_fc_bias"])), L.BLF)
-    return L.matmul("blf,fd->bld", h_BLF, p["c_proj"], p["c_proj_bias"])
+    up_BLF = compute.name(L.matmul("bld,df->blf", x_BLD, p["c_fc"], p["c_fc_bias"]), "mlp_up")
+    h_BLF = compute.constrain(act(up_BLF), L.BLF)
+    out_BLD = L.matmul("blf,fd->bld", compute.name(h_BLF, "mlp_hidden"), p["c_proj"], p["c_proj_bias"])
+    return compute.name(out_BLD, "mlp_out")
 
 
 def block(x_BLD: jax.Array, p: Mapping[str, jax.Array], eps: float, act,

@@ -94,11 +94,12 @@ def scan_layers(block: Callable, x_BLD: jax.Array, stacked: Mapping[str, jax.Arr
     """Run `block(x_BLD, layer_params)` over the stacked layers with one `lax.scan`.
 
     Each step brings its layer's params to compute form (dtype; gathered under ZeRO-3),
-    is wrapped by the policy's remat, and pins the residual stream's layout.
+    is wrapped by the policy's remat, and pins the residual stream's layout. The layer's
+    input is named "layer_input" for per-tensor remat policies (blocks name the rest).
     """
     def body(x_BLD, layer_params):
         p = compute.for_compute(layer_params, axes)
-        x_BLD = block(x_BLD, p)
+        x_BLD = block(compute.name(x_BLD, "layer_input"), p)
         return compute.constrain(x_BLD, BLD), None
 
     x_BLD, _ = jax.lax.scan(compute.remat(body), x_BLD, dict(stacked))

@@ -107,16 +107,18 @@ def attention_block(x_BLD: jax.Array, p: Mapping[str, jax.Array], cos_LK: jax.Ar
     q_BLHK = compute.constrain(L.matmul("bld,dhk->blhk", x_BLD, p["q_proj"]), L.BLHK)
     k_BLGK = compute.constrain(L.matmul("bld,dgk->blgk", x_BLD, p["k_proj"]), L.BLGK)
     v_BLGK = compute.constrain(L.matmul("bld,dgk->blgk", x_BLD, p["v_proj"]), L.BLGK)
-    q_BLHK = L.apply_rope(q_BLHK, cos_LK, sin_LK)
-    k_BLGK = L.apply_rope(k_BLGK, cos_LK, sin_LK)
-    out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK)
-    return L.matmul("blhk,hkd->bld", out_BLHK, p["o_proj"])
+    q_BLHK = compute.name(L.apply_rope(q_BLHK, cos_LK, sin_LK), "query")
+    k_BLGK = compute.name(L.apply_rope(k_BLGK, cos_LK, sin_LK), "key")
+    out_BLHK = compute.name(attend(q_BLHK, k_BLGK, compute.name(v_BLGK, "value")), "attention")
+    return compute.name(L.matmul("blhk,hkd->bld", out_BLHK, p["o_proj"]), "attention_out")
 
 
 def mlp_block(x_BLD: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
-    gate_BLF = compute.constrain(L.matmul("bld,df->blf", x_BLD, p["gate_proj"]), L.BLF)
-    up_BLF = compute.constrain(L.matmul("bld,df->blf", x_BLD, p["up_proj"]), L.BLF)
-    return L.matmul("blf,fd->bld", L.activation("silu")(gate_BLF) * up_BLF, p["down_proj"])
+    gate_BLF = compute.name(compute.constrain(L.matmul("bld,df->blf", x_BLD, p["gate_proj"]), L.BLF),
+                            "mlp_gate")
+    up_BLF = compute.name(compute.constrain(L.matmul("bld,df->blf", x_BLD, p["up_proj"]), L.BLF), "mlp_up")
+    hidden_BLF = compute.name(L.activation("silu")(gate_BLF) * up_BLF, "mlp_hidden")
+    return compute.name(L.matmul("blf,fd->bld", hidden_BLF, p["down_proj"]), "mlp_out")
 
 
 def decoder_layer(x_BLD: jax.Array, p: Mapping[str, jax.Array], cos_LK: jax.Array,
