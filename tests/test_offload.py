@@ -146,12 +146,6 @@ def test_config_cpu_is_accepted_without_warning():
     assert Config.load(offload_section(device="CPU")).zero_optimization.offload_optimizer.enabled
 
 
-def test_config_nvme_warns_and_stays_on_device():
-    with pytest.warns(UnsupportedKeyWarning, match=r'offload_optimizer\.device: "nvme" .*not implemented'):
-        cfg = Config.load(offload_section(device="nvme", nvme_path="/tmp/nvme"))
-    assert not cfg.zero_optimization.offload_optimizer.enabled
-
-
 def test_config_ratio_below_one_warns_by_name():
     with pytest.warns(UnsupportedKeyWarning, match=r"offload_optimizer\.ratio: only ratio 1\.0"):
         cfg = Config.load(offload_section(device="cpu", ratio=0.3))
@@ -266,3 +260,31 @@ def test_config_offload_param_cpu_is_accepted_with_deepspeed_buffer_keys():
 def test_config_bad_offload_param_is_an_error(zero, message):
     with pytest.raises(ConfigError, match=message):
         Config.load({"zero_optimization": zero})
+
+
+def test_offloaded_update_streams_one_layer_at_a_time(runs, batches):
+    _, plain, offloaded, _, _ = runs
+    assert offloaded.step_spec.stream_offloaded_update and not plain.step_spec.stream_offloaded_update
+    # One more loop than the plain step: the update's scan over the stacked layers.
+    loops = lambda e: e.lower_train_step(batches[0]).as_text().count("stablehlo.while")
+    assert loops(offloaded) == loops(plain) + 1
+
+
+def test_lamb_moves_the_state_whole_instead():
+    cfg = config(1, True)
+    cfg["optimizer"] = {"type": "Lamb", "params": {"lr": 1e-3}}
+    engine = zerojax.initialize(model_fn=tiny_llama, config=cfg, abstract=True)
+    assert not engine.step_spec.stream_offloaded_update       # its trust ratio is per whole tensor
+
+
+def test_fp16_overflow_keeps_the_streamed_state(batches):
+    """An overflowing fp16 step is skipped inside the streamed update as in the plain step."""
+    fp16 = {"fp16": {"enabled": True, "initial_scale_power": 40}}
+    engines = [zerojax.initialize(model_fn=tiny_llama, config={**config(1, o), **fp16}) for o in (False, True)]
+    before = jax.tree.map(np.asarray, engines[1].state.params)
+    out = [[e.train_step(b) for b in batches[:2]] for e in engines]
+    assert [bool(m["skipped"]) for m in out[1]] == [bool(m["skipped"]) for m in out[0]]
+    assert bool(out[1][0]["skipped"])
+    assert relative_error(engines[1].state.params, engines[0].state.params) <= 1e-5
+    if all(bool(m["skipped"]) for m in out[1]):
+        assert relative_error(engines[1].state.params, before) == 0

@@ -190,7 +190,10 @@ class Engine:
             gradient_clipping=config.gradient_clipping, fp16=config.fp16.enabled, config=config,
             cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32,
             logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
-            opt_state_on_device=opt_on_device, params_on_device=params_on_device)
+            opt_state_on_device=opt_on_device, params_on_device=params_on_device,
+            stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
+            and optimizer is None and config.optimizer is not None
+            and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS)
         metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),

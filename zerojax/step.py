@@ -51,6 +51,8 @@ class StepSpec:
     # ... and the host-resident params (offload_param, or fp32 masters offloaded with the
     # optimizer under bf16/fp16), moved to the device for the step; None: params on device.
     params_on_device: Any = None
+    # Update offloaded state one layer at a time (element-wise optimizers only).
+    stream_offloaded_update: bool = False
 
 
 def _constrain(tree: Any, specs: Any, mesh) -> Any:
@@ -132,7 +134,29 @@ def params_for_step(spec: StepSpec, params: Any) -> Any:
     return jax.device_put(params, spec.params_on_device)
 
 
+def apply_optimizer(spec: StepSpec, grads: Any, opt_state: Any, params: Any, device_params: Any,
+                    overflow: jax.Array) -> tuple[Any, Any]:
+    """New (params, optimizer state), the old ones kept on overflow.
+
+    `params` are the state's (maybe on the host), `device_params` their device copies the
+    forward used. Offloaded state is streamed layer by layer when the optimizer allows
+    (`stream_offloaded_update`), else moved to the device whole for the update."""
+    if spec.stream_offloaded_update:
+        from zerojax import offload
+        return offload.streamed_update(
+            spec.tx, grads, opt_state, params, logical=spec.logical, overflow=overflow,
+            state_on_host=spec.opt_state_on_device is not None,
+            params_on_host=spec.params_on_device is not None)
+    if spec.opt_state_on_device is not None:
+        opt_state = jax.device_put(opt_state, spec.opt_state_on_device)
+    updates, new_opt_state = spec.tx.update(grads, opt_state, device_params)
+    new_params = optax.apply_updates(device_params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(overflow, o, n), new, old)
+    return keep(new_params, device_params), keep(new_opt_state, opt_state)
+
+
 def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    stored_params = state.params
     state = state._replace(params=params_for_step(spec, state.params))
     grads, loss, model_metrics, model_state = accumulate_gradients(spec, state, batch)
     # Unscale and average over micro-batches (DeepSpeed divides the loss by gas).
@@ -145,17 +169,12 @@ def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainStat
         grads = jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0), grads)
 
     lr = spec.lr_fn(state.step)
-    opt_state = state.opt_state
-    if spec.opt_state_on_device is not None:
-        opt_state = jax.device_put(opt_state, spec.opt_state_on_device)
-    updates, new_opt_state = spec.tx.update(grads, opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-
     overflow = ~jnp.isfinite(grad_norm) if spec.fp16 else jnp.asarray(False)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(overflow, o, n), new, old)
+    new_params, new_opt_state = apply_optimizer(spec, grads, state.opt_state, stored_params,
+                                                state.params, overflow)
     new_state = TrainState(
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         step=state.step + jnp.where(overflow, 0, 1).astype(jnp.int32),
         loss_scale=precision.update_loss_scale(state.loss_scale, overflow, spec.config),
         model_state=model_state,
