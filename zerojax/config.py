@@ -479,15 +479,15 @@ _WARMUP_TYPE = (_choice("log", "linear"), "log")
 SCHEDULER_PARAMS: dict[str, dict[str, tuple[Parser, Any]]] = {
     "WarmupLR": {
         "warmup_min_lr": (_num(0.0), 0.0), "warmup_max_lr": (_optional(_num(0.0)), None),
-        "warmup_num_steps": (_int(1), 1000), "warmup_type": _WARMUP_TYPE},
+        "warmup_num_steps": (_int(0), 1000), "warmup_type": _WARMUP_TYPE},
     "WarmupDecayLR": {
         # DeepSpeed's WarmupDecayLR defaults warmup_max_lr to 0.001 (not to the optimizer lr)
         "total_num_steps": (_int(1), _REQUIRED), "warmup_min_lr": (_num(0.0), 0.0),
-        "warmup_max_lr": (_optional(_num(0.0)), 0.001), "warmup_num_steps": (_int(1), 1000),
+        "warmup_max_lr": (_optional(_num(0.0)), 0.001), "warmup_num_steps": (_int(0), 1000),
         "warmup_type": _WARMUP_TYPE},
     "WarmupCosineLR": {
         "total_num_steps": (_int(1), _REQUIRED), "warmup_min_ratio": (_num(0.0), 0.0),
-        "warmup_num_steps": (_int(1), 1000), "cos_min_ratio": (_num(0.0), 1e-4),
+        "warmup_num_steps": (_int(0), 1000), "cos_min_ratio": (_num(0.0), 1e-4),
         "warmup_type": _WARMUP_TYPE},
     "OneCycle": {
         "cycle_min_lr": (_num(0.0), _REQUIRED), "cycle_max_lr": (_num(0.0), _REQUIRED),

@@ -1,7 +1,8 @@
 """RLHF data: JSONL examples in, tokenised and truncated, deterministic padded batches out.
 
 Files hold one JSON object a line (blank lines skipped):
-  SFT          {"prompt": str, "response": str}  or  {"messages": [{"role", "content"}, ...]}
+  SFT          {"prompt": str, "response": str}  or  {"source": str, "target": str}
+               or  {"messages": [{"role", "content"}, ...]}
                (messages: the last one is the assistant's response, the rest render as the
                prompt through the chat template, generation prompt included)
   preferences  {"prompt": str, "chosen": str, "rejected": str}
@@ -131,6 +132,8 @@ def sft_examples(path: str, tokenizer, *, max_prompt_len: int, max_len: int,
         where = f"{path}:{number}"
         if "messages" in record:
             prompt, response = _messages(record, where, chat_render or plain_chat)
+        elif "source" in record and "prompt" not in record:     # seq2seq-style pairs
+            prompt, response = _text(record, "source", where), _text(record, "target", where)
         else:
             prompt, response = _text(record, "prompt", where), _text(record, "response", where)
         prompt_ids = encode.prompt(prompt)
