@@ -75,8 +75,45 @@ def _train(args: argparse.Namespace) -> int:
     _cpu_devices_default()
     distributed.initialize()
     from zerojax.trainer import train
+    if args.deepspeed:
+        return _train_deepspeed(args)
+    if args.config is None:
+        raise ValueError("zerojax train needs a config: CONFIG (with a \"zerojax\" section) or "
+                         "--deepspeed ds_config.json --model HF_DIR")
     config = _load_config(args.config, args.set)
     summary = train(None, config, steps=args.steps, out=args.out)
+    return 0 if summary.get("steps") else 1
+
+
+def _train_deepspeed(args: argparse.Namespace) -> int:
+    """A pure DeepSpeed JSON + a HF model directory, "auto" values filled as HF's Trainer does."""
+    import dataclasses
+
+    import jax
+
+    from zerojax import hf_auto
+    from zerojax.config import Config
+    if args.config is not None:
+        raise ValueError(f"pass either CONFIG ({args.config}) or --deepspeed, not both")
+    if not args.model:
+        raise ValueError("--deepspeed needs --model HF_DIR (a Hugging Face model directory)")
+    fields = {f.name for f in dataclasses.fields(hf_auto.TrainerArguments)} - {"explicit"}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    trainer_args = hf_auto.TrainerArguments(**given, explicit=frozenset(given))
+    raw, kind, lines = hf_auto.run_config(args.deepspeed, args.model, trainer_args, data=args.data,
+                                          seq_len=args.seq_len, steps=args.steps, out=args.out,
+                                          devices=jax.device_count())
+    if jax.process_index() == 0:
+        for line in lines:
+            print(line)
+    config = Config.load(raw)
+    config = config.with_overrides(_parse_set(args.set)) if args.set else config
+    if kind == "pairs":
+        from zerojax import rlhf
+        summary = rlhf.sft(config, steps=args.steps, out=args.out)
+    else:
+        from zerojax.trainer import train
+        summary = train(None, config, steps=args.steps, out=args.out)
     return 0 if summary.get("steps") else 1
 
 
@@ -168,10 +205,34 @@ def _add_run_options(parser, example_set: str) -> None:
                         help=f"override a config key by dotted path, e.g. {example_set}")
 
 
+def _add_deepspeed_options(parser) -> None:
+    """`--deepspeed ds_config.json --model HF_DIR` and the HF Trainer arguments its "auto"s take."""
+    group = parser.add_argument_group(
+        "DeepSpeed + Hugging Face (instead of CONFIG)",
+        'a pure DeepSpeed JSON; its "auto" values are filled from these arguments as HF\'s Trainer '
+        "does (HF's spellings with underscores work too)")
+    group.add_argument("--deepspeed", metavar="DS_CONFIG", help="DeepSpeed JSON (no \"zerojax\" section needed)")
+    group.add_argument("--model", metavar="HF_DIR", help="Hugging Face model directory to fine-tune")
+    group.add_argument("--data", help="text file/dir, token file, or prompt/response, source/target or "
+                                      "messages JSONL (default: the built-in corpus)")
+    group.add_argument("--seq-len", "--max_seq_length", dest="seq_len", type=int,
+                       help="tokens per sequence (default: min(256, the model's max positions))")
+    for name, kind in (("per_device_train_batch_size", int), ("gradient_accumulation_steps", int),
+                       ("learning_rate", float), ("weight_decay", float), ("adam_beta1", float),
+                       ("adam_beta2", float), ("adam_epsilon", float), ("max_grad_norm", float),
+                       ("warmup_steps", int), ("warmup_ratio", float)):
+        group.add_argument("--" + name.replace("_", "-"), "--" + name, dest=name, type=kind,
+                           metavar="N" if kind is int else "X")
+    group.add_argument("--bf16", action="store_const", const=True)
+    group.add_argument("--fp16", action="store_const", const=True)
+
+
 def _add_train_commands(commands) -> None:
     train = commands.add_parser("train", help="train the model a DeepSpeed JSON config names")
-    train.add_argument("config", help="DeepSpeed JSON config; model and data in its \"zerojax\" section")
+    train.add_argument("config", nargs="?",
+                       help="DeepSpeed JSON config; model and data in its \"zerojax\" section")
     _add_run_options(train, "zero_optimization.stage=2")
+    _add_deepspeed_options(train)
     train.set_defaults(run=_train)
 
     rlhf = commands.add_parser("rlhf", help="RLHF on a config's model: sft, reward, ppo (DeepSpeed-Chat's "
