@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: install the working tree (no network), show the devices, run the kernel
 # tests, then benchmarks/kernels_gpu.py (compiled correctness, timings against XLA's own
-# ops, MFU of a ~1B Llama step) and benchmarks/inference.py --gpu (serving against HF
-# generate). Everything goes to stdout and, when $OUT is set, to $OUT/gpu_log.txt. At
+# ops, MFU of a ~1B Llama step), benchmarks/inference.py --gpu (serving against HF
+# generate) and benchmarks/offload.py --gpu (ZeRO-Offload device bytes and step time).
+# Everything goes to stdout and, when $OUT is set, to $OUT/gpu_log.txt. At
 # most ~10 minutes in all (each stage under `timeout`).
 #
 #   bash benchmarks/gpu_check.sh
@@ -49,6 +50,10 @@ stage "kernels_gpu.py" 300 python3 benchmarks/kernels_gpu.py --budget 250
 # Serving: the paged-attention step on the GPU (the Pallas kernel through the selector)
 # against HF generate on cuda, one quick pass: batch 1 decode and 16 mixed requests.
 stage "inference.py" 150 python3 benchmarks/inference.py --gpu --quick --only batch1,mixed
+
+# Offload: a model whose fp32 AdamW state does not fit beside its params, plain vs the
+# optimizer state in pinned host memory (streamed to the device layer by layer).
+stage "offload.py" 150 env XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=100 python3 benchmarks/offload.py --gpu
 
 echo
 echo "=== summary ==="
