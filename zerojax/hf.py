@@ -1,4 +1,4 @@
-"""Hugging Face model directories <-> zerojax params (Llama and GPT-2), streamed both ways.
+"""Hugging Face model directories <-> zerojax params (Llama, GPT-2, T5), streamed both ways.
 
 A Hugging Face directory holds `config.json` and `model.safetensors` (or shards plus
 `model.safetensors.index.json`). `load_pretrained` builds the zerojax param tree from
@@ -9,10 +9,10 @@ Face names and layouts, loadable by `transformers`' `from_pretrained`.
 
 Only safetensors is read; `pytorch_model.bin` (a pickle) is refused, never unpickled.
 
-Name mapping: one table per model (`LLAMA_NAMES`, `GPT2_NAMES`). Each row is
+Name mapping: one table per model (`LLAMA_NAMES`, `GPT2_NAMES`, `T5_NAMES`). Each row is
     zerojax param: (Hugging Face tensor, layout)
-`layers.*` params are stacked `[num_layers, ...]` in zerojax and stored per layer by
-Hugging Face, `{i}` being the layer. A layout reads "Hugging Face dims -> zerojax dims":
+`layers.*` params (T5: `encoder.layers.*`, `decoder.layers.*`) are stacked `[num_layers, ...]`
+in zerojax and stored per layer by Hugging Face, `{i}` being the layer. A layout reads "Hugging Face dims -> zerojax dims":
 `(h k)` is one Hugging Face dim holding heads x head_dim (heads outer), and `@j/n`
 marks the j-th of n equal chunks of a dim (GPT-2's fused `c_attn` holds q|k|v).
 torch `nn.Linear` stores `[out, in]`, hence the transposes for Llama; GPT-2's `Conv1D`
@@ -32,7 +32,7 @@ import numpy as np
 
 from zerojax import checkpoint
 from zerojax.errors import CheckpointError
-from zerojax.models import GPT2Config, LlamaConfig, make_config
+from zerojax.models import MODELS, GPT2Config, LlamaConfig, T5Config, make_config
 from zerojax.safetensors_io import BF16, open_checkpoint_dir, put_sharded, write_sharded
 
 # ----------------------------------------------------------------------------- name tables
@@ -76,26 +76,70 @@ GPT2_NAMES: dict[str, tuple[str, str]] = {
     "ln_f_bias":             ("transformer.ln_f.bias",                "d -> d"),
 }
 
+
+def _t5_stack(side: str, ff: int) -> dict[str, tuple[str, str]]:
+    """One T5 stack's rows; Hugging Face's block i holds sublayers self-attention, (decoder:
+    cross-attention), feed-forward as `layer.0`, `layer.1`, `layer.{ff}`."""
+    block = f"{side}.block.{{i}}.layer"
+    rows = {
+        "relative_attention_bias": (f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "p h -> p h"),
+        "layers.self_attn_layer_norm": (f"{block}.0.layer_norm.weight", "d -> d"),
+        "layers.mlp_layer_norm": (f"{block}.{ff}.layer_norm.weight", "d -> d"),
+        "layers.wi": (f"{block}.{ff}.DenseReluDense.wi.weight", "f d -> d f"),            # "relu" only
+        "layers.wi_0": (f"{block}.{ff}.DenseReluDense.wi_0.weight", "f d -> d f"),        # gated only
+        "layers.wi_1": (f"{block}.{ff}.DenseReluDense.wi_1.weight", "f d -> d f"),        # gated only
+        "layers.wo": (f"{block}.{ff}.DenseReluDense.wo.weight", "d f -> f d"),
+        "final_layer_norm": (f"{side}.final_layer_norm.weight", "d -> d"),
+    }
+    attentions = [("", "0.SelfAttention")] + ([("cross_", "1.EncDecAttention")] if side == "decoder" else [])
+    for prefix, where in attentions:
+        rows.update({
+            f"layers.{prefix}q_proj": (f"{block}.{where}.q.weight", "(h k) d -> d h k"),
+            f"layers.{prefix}k_proj": (f"{block}.{where}.k.weight", "(h k) d -> d h k"),
+            f"layers.{prefix}v_proj": (f"{block}.{where}.v.weight", "(h k) d -> d h k"),
+            f"layers.{prefix}o_proj": (f"{block}.{where}.o.weight", "d (h k) -> h k d"),
+        })
+    if side == "decoder":
+        rows["layers.cross_attn_layer_norm"] = (f"{block}.1.layer_norm.weight", "d -> d")
+    return {f"{side}.{name}": row for name, row in rows.items()}
+
+
+T5_NAMES: dict[str, tuple[str, str]] = {
+    "shared": ("shared.weight", "v d -> v d"),
+    **_t5_stack("encoder", 1),
+    **_t5_stack("decoder", 2),
+    "lm_head": ("lm_head.weight", "v d -> d v"),                                        # untied only
+}
+
 # Tensors a Hugging Face file may hold that carry no weights zerojax needs: causal-mask
 # and rotary buffers of older exports, and the LM head of a tied model (a copy of the
 # embedding). Anything else unexpected is an error (it means a different model).
-IGNORED_TENSORS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+# T5 files may also hold the stacks' copies of the tied `shared` embedding, and an unused
+# cross-attention relative bias some old exports carry.
+IGNORED_TENSORS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$"
+                             r"|^(encoder|decoder)\.embed_tokens\.weight$"
+                             r"|^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")
 TIED_HEAD = "lm_head.weight"
 
 # Older GPT-2 exports (e.g. the original `gpt2`) store names without `transformer.`.
-NAME_PREFIXES = {"llama": ("",), "gpt2": ("", "transformer.")}
+NAME_PREFIXES = {"llama": ("",), "gpt2": ("", "transformer."), "t5": ("",)}
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "t5": "T5ForConditionalGeneration"}
 SEQUENCE_CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000          # Hugging Face's default "5GB"
 SAVE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16)}
 FLOAT_DTYPES = {*SAVE_DTYPES.values(), np.dtype(np.float64)}
 
 
-def name_table(cfg: LlamaConfig | GPT2Config) -> dict[str, tuple[str, str]]:
+def name_table(cfg: LlamaConfig | GPT2Config | T5Config) -> dict[str, tuple[str, str]]:
     """The rows of the name table that apply to this config (no `lm_head` when tied)."""
     if isinstance(cfg, GPT2Config):
         return dict(GPT2_NAMES)
+    if isinstance(cfg, T5Config):
+        mlp = ("wi_0", "wi_1") if cfg.is_gated else ("wi",)
+        unused = {f"{side}.layers.{w}" for side in ("encoder", "decoder") for w in ("wi", "wi_0", "wi_1")
+                  if w not in mlp} | ({"lm_head"} if cfg.tie_word_embeddings else set())
+        return {name: row for name, row in T5_NAMES.items() if name not in unused}
     table = dict(LLAMA_NAMES)
     if cfg.tie_word_embeddings:
         del table["lm_head"]
@@ -180,7 +224,7 @@ class Layout:
         return np.transpose(values, [letters.index(a) for a in self.zj])
 
 
-for _table in (LLAMA_NAMES, GPT2_NAMES):
+for _table in (LLAMA_NAMES, GPT2_NAMES, T5_NAMES):
     for _name, (_, _layout) in _table.items():
         Layout.parse(_layout)                       # a typo in a table fails at import
 
@@ -191,6 +235,8 @@ for _table in (LLAMA_NAMES, GPT2_NAMES):
 _LLAMA_REQUIRED = {"attention_bias": False, "mlp_bias": False, "rope_scaling": None}
 _GPT2_REQUIRED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                   "add_cross_attention": False, "tie_word_embeddings": True}
+_T5_REQUIRED = {"is_encoder_decoder": True, "is_decoder": False}
+_REQUIRED = {"llama": _LLAMA_REQUIRED, "gpt2": _GPT2_REQUIRED, "t5": _T5_REQUIRED}
 
 
 def read_hf_config(path: str) -> dict:
@@ -230,12 +276,12 @@ def config_from_hf(hf: Mapping[str, Any], file: str = "config.json") -> LlamaCon
     ...) are ignored; ones that do and are not implemented are rejected by name.
     """
     kind = _model_type(hf, file)
-    required = dict(_LLAMA_REQUIRED if kind == "llama" else _GPT2_REQUIRED)
+    required = _REQUIRED[kind]
     for key, supported in required.items():
         if hf.get(key, supported) != supported:
             raise CheckpointError(f"{file}: {key}={hf[key]!r} is not supported by zerojax's {kind} "
                                   f"(only {json.dumps(supported)})")
-    config_cls = LlamaConfig if kind == "llama" else GPT2Config
+    config_cls = MODELS[kind][1]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     values = {k: hf[k] for k in fields if k in hf}
     if kind == "llama":
@@ -254,9 +300,24 @@ def config_from_hf(hf: Mapping[str, Any], file: str = "config.json") -> LlamaCon
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def load_config(path: str) -> LlamaConfig | GPT2Config:
+def load_config(path: str) -> LlamaConfig | GPT2Config | T5Config:
     """The zerojax model config of a Hugging Face model directory."""
-    return config_from_hf(read_hf_config(path), os.path.join(path, "config.json"))
+    cfg = config_from_hf(read_hf_config(path), os.path.join(path, "config.json"))
+    if isinstance(cfg, T5Config) and cfg.tie_word_embeddings and _t5_head_untied(path):
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    return cfg
+
+
+def _t5_head_untied(path: str) -> bool:
+    """transformers 5.x saves every T5 config with `tie_word_embeddings` true (T5 v1.1's
+    rescale then lives in `scale_decoder_outputs`) and keeps a `lm_head.weight` that differs
+    from `shared.weight` untied, so the files tell."""
+    _refuse_pickles(path)
+    with open_checkpoint_dir(path) as reader:
+        if TIED_HEAD not in set(reader.names()):
+            return False
+        head, shared = (np.asarray(reader.read(n)) for n in (TIED_HEAD, "shared.weight"))
+        return head.shape != shared.shape or not np.array_equal(head, shared)
 
 
 def model_section(path: str) -> dict:
@@ -265,12 +326,14 @@ def model_section(path: str) -> dict:
     return {"type": _kind(cfg), **dataclasses.asdict(cfg)}
 
 
-def _kind(cfg: LlamaConfig | GPT2Config) -> str:
+def _kind(cfg: LlamaConfig | GPT2Config | T5Config) -> str:
     if isinstance(cfg, LlamaConfig):
         return "llama"
     if isinstance(cfg, GPT2Config):
         return "gpt2"
-    raise TypeError(f"expected a LlamaConfig or GPT2Config, got {type(cfg).__name__}")
+    if isinstance(cfg, T5Config):
+        return "t5"
+    raise TypeError(f"expected a LlamaConfig, GPT2Config or T5Config, got {type(cfg).__name__}")
 
 
 def hf_config(cfg: LlamaConfig | GPT2Config, dtype: str = "float32") -> dict:
@@ -281,6 +344,10 @@ def hf_config(cfg: LlamaConfig | GPT2Config, dtype: str = "float32") -> dict:
         # `rope_theta` for transformers 4.x, `rope_parameters` for 5.x.
         out.update(attention_bias=False, mlp_bias=False, attention_dropout=0.0, rope_scaling=None,
                    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    elif kind == "t5":
+        # transformers 4.x reads the head's tying and the rescale from `tie_word_embeddings`,
+        # 5.x the rescale from `scale_decoder_outputs` (and an untied head from the files).
+        out.update(is_encoder_decoder=True, dropout_rate=0.0, use_cache=True)
     else:
         # zerojax trains without dropout; the same math in transformers means none there.
         out.update(tie_word_embeddings=True, scale_attn_weights=True, resid_pdrop=0.0,
@@ -328,10 +395,12 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
 
 def _is_stacked(name: str) -> bool:
-    return name.startswith("layers.")
+    return "layers" in name.split(".")[:-1]
 
 
-def _num_layers(cfg: LlamaConfig | GPT2Config) -> int:
+def _num_layers(cfg: LlamaConfig | GPT2Config | T5Config, name: str = "") -> int:
+    if isinstance(cfg, T5Config):
+        return cfg.num_decoder_layers if name.startswith("decoder.") else cfg.num_layers
     return cfg.num_hidden_layers if isinstance(cfg, LlamaConfig) else cfg.n_layer
 
 
@@ -344,7 +413,7 @@ def _resolve_names(reader, cfg, table, abstract, where: str) -> dict[str, str]:
     for name, (hf_name, layout) in table.items():
         per_layer = shapes[name][1:] if _is_stacked(name) else shapes[name]
         hf_shape = Layout.parse(layout).hf_shape(per_layer)
-        for i in range(_num_layers(cfg)) if _is_stacked(name) else [None]:
+        for i in range(_num_layers(cfg, name)) if _is_stacked(name) else [None]:
             expected[hf_name.format(i=i)] = hf_shape
     present = set(reader.names())
     resolved: dict[str, str] = {}
@@ -486,7 +555,7 @@ def save_pretrained(params: Mapping[str, Any], model_cfg: Any, path: str, *, dty
     for name, (hf_name, layout_text) in table.items():
         layout = Layout.parse(layout_text)
         per_layer = abstract[name].shape[1:] if _is_stacked(name) else abstract[name].shape
-        for i in range(_num_layers(cfg)) if _is_stacked(name) else [None]:
+        for i in range(_num_layers(cfg, name)) if _is_stacked(name) else [None]:
             key = hf_name.format(i=i)
             pieces.setdefault(key, []).append((name, i, layout))
             shapes[key] = layout.hf_shape(per_layer)
