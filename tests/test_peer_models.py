@@ -39,3 +39,25 @@ def test_torch_and_zerojax_gpt_agree(tmp_path):
     for got, want in pairs:
         want = want.numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_torch_gpt_and_a_users_plain_flax_gpt_agree(tmp_path):
+    """The user-written module (no zerojax calls) is the same function as the torch GPT."""
+    import user_gpt
+    common.make_weights(str(tmp_path / "weights.npz"))
+    common.make_data(str(tmp_path / "data.npy"), steps=1)
+    ids = np.load(tmp_path / "data.npy")[0, :2]
+    reference = torch_gpt.GPT()
+    torch_gpt.load_weights(reference, str(tmp_path / "weights.npz"))
+    torch_loss = reference(torch.from_numpy(ids.astype(np.int64)))
+    torch_loss.backward()
+
+    graphdef, params = nnx.split(jax.tree.map(np.asarray, user_gpt.make_model(str(tmp_path / "weights.npz"))))
+    loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)({"input_ids": ids}))(params)
+    grads = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(grads)}
+    np.testing.assert_allclose(float(loss), torch_loss.item(), rtol=1e-5)
+    for got, want in [(grads["wte.embedding"], reference.wte.weight.grad),
+                      (grads["blocks.1.c_fc.kernel"], reference.blocks[1].c_fc.weight.grad.T),
+                      (grads["blocks.0.attn_proj.kernel"], reference.blocks[0].attn_proj.weight.grad.T)]:
+        want = want.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

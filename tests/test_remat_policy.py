@@ -132,3 +132,32 @@ def test_config_remat_policy_parses_and_round_trips():
 def test_config_bad_remat_is_an_error(remat, message):
     with pytest.raises(ConfigError, match=message):
         Config.load({"zerojax": {"remat": remat}})
+
+
+def user_residuals(remat: str) -> list[str]:
+    """What a user's module (tests.helpers.PlainMLP: no zerojax calls) keeps for the backward
+    pass under the engine's step with `remat`."""
+    import functools
+
+    from tests.helpers import PlainMLP, mlp_batches
+    from zerojax.step import model_loss
+    engine = zerojax.initialize(model_fn=PlainMLP, config={**config(), "zerojax": {"remat": remat}},
+                                abstract=True)
+    spec = engine.step_spec
+    batch = mlp_batches(1, 8)[0]
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), engine._abstract_params)
+    rest = nnx.to_pure_dict(nnx.split(PlainMLP(nnx.Rngs(0)), nnx.Param, ...)[2])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda p: functools.partial(model_loss, spec)(p, rest, batch)[0], params)
+    inputs = ("from the argument", "from a constant")          # params, the batch
+    return [line for line in out.getvalue().splitlines() if not any(i in line for i in inputs)]
+
+
+def test_a_user_modules_loss_keeps_only_matmul_outputs_on_cpu():
+    kept = user_residuals("auto")                     # "minimal" on CPU at ZeRO-1
+    assert kept and all("dot_general" in line for line in kept), kept
+    # Without remat the element-wise intermediates (GELU's) are kept too.
+    plain = user_residuals("none")
+    assert len(plain) > len(kept) and any("dot_general" not in line for line in plain)

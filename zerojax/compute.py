@@ -148,6 +148,21 @@ def checkpoint_policy(remat: Any) -> Callable | None:
     return policy
 
 
+def whole_model_policy(remat: Any) -> Callable | None:
+    """The checkpoint policy for a module that does not remat per layer (a user's module):
+    wrapped around its whole loss, as `remat` wraps each layer of the reference models.
+
+    Over the whole model "full" (save nothing) would save no memory: the backward pass
+    recomputes the whole forward and keeps all of it while it runs. So "full" and
+    "minimal" both keep the matmul outputs only: element-wise intermediates (GELU's,
+    LayerNorm's) are recomputed, which on CPU costs less than writing and re-reading them
+    (benchmarks/NOTES.md). A `RematPolicy` applies as given (names the module tags with
+    `jax.ad_checkpoint.checkpoint_name`)."""
+    if isinstance(remat, str):
+        return None if remat == "none" else _BASE_POLICIES["minimal"]
+    return checkpoint_policy(remat)
+
+
 def remat(fn: Callable) -> Callable:
     """Wrap a layer body in `jax.checkpoint` per the policy's remat setting.
 

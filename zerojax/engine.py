@@ -191,6 +191,8 @@ class Engine:
             cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32,
             logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
             opt_state_on_device=opt_on_device, params_on_device=params_on_device,
+            whole_model_remat=(None if self._casts_per_layer
+                               else compute.whole_model_policy(remat)),
             stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
             and optimizer is None and config.optimizer is not None
             and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS)

@@ -53,6 +53,9 @@ class StepSpec:
     params_on_device: Any = None
     # Update offloaded state one layer at a time (element-wise optimizers only).
     stream_offloaded_update: bool = False
+    # A checkpoint policy over the whole loss, for modules that do not remat per layer
+    # themselves (a user's module); None: none.
+    whole_model_remat: Any = None
 
 
 def _constrain(tree: Any, specs: Any, mesh) -> Any:
@@ -62,14 +65,19 @@ def _constrain(tree: Any, specs: Any, mesh) -> Any:
 
 def model_loss(spec: StepSpec, params: Any, model_state: Any, batch: Any):
     """Run the module on one batch under the compute policy; returns (loss_f32, (metrics, new_model_state))."""
-    with compute.use(spec.policy):
-        if spec.cast_params_whole:
-            params = jax.tree.map(compute.cast, params)
-        model = nnx.merge(spec.graphdef, params, model_state)
-        out = model(batch)
-        loss, metrics = out if isinstance(out, tuple) else (out, {})
-        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-    return jnp.asarray(loss, jnp.float32), (metrics, nnx.to_pure_dict(new_model_state))
+    def run(params, model_state, batch):
+        with compute.use(spec.policy):
+            if spec.cast_params_whole:
+                params = jax.tree.map(compute.cast, params)
+            model = nnx.merge(spec.graphdef, params, model_state)
+            out = model(batch)
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+            _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+        return jnp.asarray(loss, jnp.float32), (metrics, nnx.to_pure_dict(new_model_state))
+
+    if spec.whole_model_remat is not None:
+        run = jax.checkpoint(run, policy=spec.whole_model_remat)
+    return run(params, model_state, batch)
 
 
 def split_micro_batches(batch: Any, micro_batches: int) -> Any:

@@ -55,6 +55,13 @@ SYSTEMS = {
     **{f"zerojax{s}-mp": (f"zerojax ZeRO-{s} (2 procs)", 2,
                           (lambda s: lambda a: [*ZJ_LAUNCH, PY, "zerojax_runner.py", "--stage", str(s), *a])(s),
                           {}) for s in range(4)},
+    # A user's own Flax GPT (user_gpt.py: nnx.Linear blocks, no zerojax calls), same weights.
+    "zerojax3-user": ("zerojax ZeRO-3, user's Flax GPT (1x2)", 1,
+                      lambda a: [PY, "zerojax_runner.py", "--stage", "3", "--model", "user", *a],
+                      {"XLA_FLAGS": TWO_DEVICES}),
+    "zerojax3-user-mp": ("zerojax ZeRO-3, user's Flax GPT (2 procs)", 2,
+                         lambda a: [*ZJ_LAUNCH, PY, "zerojax_runner.py", "--stage", "3", "--model", "user", *a],
+                         {}),
 }
 CACHE = "{work}/xla_cache"
 RESULT = re.compile(r"RESULT (\{[^{}]*\})")

@@ -1,4 +1,4 @@
-"""zerojax peer: ZeRO stage 0-3 on 2 devices.
+"""zerojax peer: ZeRO stage 0-3 on 2 devices; the reference GPT or a user's plain Flax GPT.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python3 zerojax_runner.py --stage S --work DIR
     zerojax launch --nproc 2 -- python3 zerojax_runner.py --stage 3 --work DIR
@@ -35,10 +35,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--remat", default="auto")
     ap.add_argument("--cache", help="persistent compilation cache directory (zerojax.compilation_cache)")
+    ap.add_argument("--model", choices=["reference", "user"], default="reference",
+                    help="zerojax's reference GPT2, or user_gpt.py's plain Flax GPT (no zerojax calls)")
     args = ap.parse_args()
 
     distributed.initialize()                     # no-op outside `zerojax launch`
     from flax_gpt import make_model
+    if args.model == "user":
+        from user_gpt import make_model
     nproc, rank = jax.process_count(), jax.process_index()
     config = {
         "train_batch_size": ROWS, "gradient_clipping": CLIP,
@@ -57,7 +61,7 @@ def main() -> None:
         metrics = jax.block_until_ready(engine.train_step(batch))
         times.append(time.perf_counter() - t0)
         losses.append(metrics["loss"])
-    name = f"zerojax{args.stage}" + ("-mp" if nproc > 1 else "")
+    name = f"zerojax{args.stage}" + ("-user" if args.model == "user" else "") + ("-mp" if nproc > 1 else "")
     report(name, rank, times, [float(x) for x in losses], args.warmup)
 
 
