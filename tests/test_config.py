@@ -188,7 +188,6 @@ def test_zero_noop_keys_accepted_silently():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("offload_optimizer", {"device": "nvme", "nvme_path": "/nvme"}),    # "cpu" works: test_offload.py
     ("zero_hpz_partition_size", 8),
     ("zero_quantized_weights", True),
     ("zero_quantized_gradients", True),
