@@ -129,6 +129,15 @@ def _rlhf(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from zerojax import inference
+    from zerojax.models import t5
+    seq2seq = t5.load_for_generation(args.checkpoint, tag=args.tag)
+    if seq2seq is not None:         # encoder-decoder: greedy, encoder once, decoder with a K/V cache
+        model, tokenizer = seq2seq
+        if tokenizer is None:
+            raise ValueError(f"the T5 in {args.checkpoint} has no tokenizer.json; --prompt needs one")
+        print("zerojax generate: T5 decodes greedily (sampling options are not used)", file=sys.stderr)
+        print(t5.generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
+        return 0
     pipe = inference.pipeline(args.checkpoint, tag=args.tag, token_budget=64, max_seqs=1)
     if pipe.tokenizer is None:
         raise ValueError(f"the model in {args.checkpoint} has no tokenizer (vocab "

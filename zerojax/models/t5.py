@@ -487,3 +487,54 @@ def greedy_generate(model: T5, input_ids: Any, attention_mask: Any = None, *, ma
     tokens, steps = _greedy(graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32),
                             max_new_tokens, eos)
     return np.asarray(tokens)[:, :int(steps) + 1]
+
+
+# ----------------------------------------------------------------------------- `zerojax generate`
+
+def load_for_generation(source: str, *, tag: str | None = None):
+    """`(T5 with its weights, tokenizer or None)` from a Hugging Face directory or a zerojax
+    checkpoint root holding a T5; None when `source` holds another model (the serving
+    engine's business). Weights land on the first device."""
+    import json
+    import os
+
+    from zerojax import checkpoint
+    from zerojax.errors import CheckpointError
+    from zerojax.inference import tokenizer as tok
+
+    if os.path.isfile(os.path.join(source, "config.json")):
+        with open(os.path.join(source, "config.json")) as f:
+            if json.load(f).get("model_type") != "t5":
+                return None
+        from zerojax import hf
+        return hf.load_pretrained(source)[0], tok.for_directory(source)
+    try:
+        tag = checkpoint.resolve_tag(source, tag)
+        meta = checkpoint.read_meta(source, tag)
+    except CheckpointError:         # not a readable checkpoint: the serving path says why
+        return None
+    section, _ = checkpoint.model_section(meta)
+    if not section or section.get("type") != "t5":
+        return None
+    from zerojax.models import build
+    abstract = nnx.eval_shape(lambda: build(section, nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(params))
+    restored = checkpoint.restore_model_params(source, tag, meta, checkpoint.to_nested(target))
+    nnx.replace_by_pure_dict(params, checkpoint.from_nested(target, restored))
+    found = tok.for_directory(source)
+    if found is None and abstract.cfg.vocab_size >= 256:
+        found = tok.ByteTokenizer()
+    return nnx.merge(graphdef, params, rest), found
+
+
+def generate_text(model: T5, tokenizer, prompt: str, *, max_new_tokens: int) -> str:
+    """The greedy continuation of `prompt` (the encoder input, with the tokenizer's EOS
+    appended as T5's tokenizer does), up to the model's EOS."""
+    eos = list(getattr(tokenizer, "eos_token_ids", ())[:1])
+    ids = np.asarray([list(tokenizer.encode(prompt)) + eos], np.int32)
+    generated = [int(t) for t in greedy_generate(model, ids, max_new_tokens=max_new_tokens)[0, 1:]]
+    if model.cfg.eos_token_id in generated:
+        generated = generated[:generated.index(model.cfg.eos_token_id)]
+    return tokenizer.decode(generated)
