@@ -287,7 +287,7 @@ def test_unsupported_combinations_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r'"nvme" is not supported with pipeline parallelism'):
         zerojax.initialize(model_fn=tiny_llama, config={**config(1, tmp_path), "pipeline": {"stages": 2}})
     # An elementwise optax optimizer of the user's is accepted.
-    engine = zerojax.initialize(model_fn=PlainMLP, optimizer=optax.adamw(1e-3), config={
+    engine = zerojax.initialize(model_fn=PlainMLP, optimizer=optax.adamw(1e-3), abstract=True, config={
         "train_batch_size": 8, "zero_optimization": {
             "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}})
     assert engine.nvme.groups[0].size == sum(x.size for x in jax.tree.leaves(engine.state.params))

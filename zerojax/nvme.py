@@ -8,9 +8,9 @@ into flat vectors, one per weight-decay group (`"zerojax": {"weight_decay_mask":
 into sub-groups of `zero_optimization.sub_group_size` elements (DeepSpeed's default 1e9:
 one sub-group per group). The optimizer's per-element state (Adam's two moments, SGD's
 momentum, ...) is kept in files, one per group and state tensor, each holding its
-sub-groups back to back (the last one padded). Nothing of it stays in memory between
-steps: host RAM holds at most `buffer_count` sub-groups' state (preallocated buffers)
-during a step. The optimizer's scalars (step counts, the learning rate and betas of
+sub-groups back to back (the last one padded). None of it stays in memory: during a step
+host RAM holds `buffer_count` sub-groups' state (preallocated buffers, kept) plus the
+device-side inputs and outputs of the one being updated. The optimizer's scalars (step counts, the learning rate and betas of
 `optax.inject_hyperparams`) are tiny and stay in `engine.state.opt_state`: a dict
 `{path name: replicated jax.Array}`. The params stay where they were, in
 `engine.state.params` on the devices, in the ZeRO stage's layout.
@@ -48,12 +48,19 @@ written to the files). Each engine works in its own directory
 `nvme_path/zerojax-optimizer-PID-N/`, locked (flock) while the engine lives and removed
 when it is garbage-collected or the interpreter exits; a new engine removes the
 directories of dead processes (their lock is free) under the same `nvme_path`.
-Files are not fsynced: the working state survives a process kill, not a power loss;
-resume from a checkpoint, which is fsynced by orbax.
+Files are not fsynced: the working state survives a process kill, not a power loss (the
+checkpoint is what a run resumes from either way).
 
-**Memory report.** `memory_report()["optimizer"]` counts only the scalars on the device;
-`memory_report()["nvme"]` is the state in files per device (the whole state divided by
-the process's device count, as a ZeRO-1 run would shard it).
+**Memory.** Besides the params, the gradients and the buffers above, a step holds the
+leaves it is rebuilding: a host copy of the new values and, while it goes to the devices,
+the device copy (on multi-device meshes also host copies of the old param and gradient,
+gathered from their shards) — a few times the largest leaf, which for stacked-layer models
+is one of the layer matrices of all layers. glibc keeps freed heap pages and the step
+frees and allocates leaf-sized buffers all along, so it gives freed pages back
+(`malloc_trim`) after each finished leaf; without that peak RSS crept up step after step.
+`memory_report()["optimizer"]` counts only the scalars on the device; `["nvme"]` is the
+state in files per device (the whole state divided by the process's device count, as a
+ZeRO-1 run would shard it).
 
 **Left out.** Multi-process runs and pipeline parallelism are refused with a ConfigError
 (each process would need its own part of the flat groups; pipeline stages their own);
@@ -153,11 +160,33 @@ def _pwrite_from(fd: int, data: np.ndarray, offset: int, block: int) -> None:
         done += os.pwrite(fd, view[done:done + block], offset + done)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A leaf's values on the host, flat. Assembled from its shards rather than with
+    `np.asarray(x)`, which keeps the assembled copy cached on a multi-device array."""
+    if len(x.sharding.device_set) == 1:
+        return np.asarray(x).reshape(-1)
+    out = np.empty(x.shape, x.dtype)
+    for shard in x.addressable_shards:
+        if shard.replica_id == 0:
+            out[shard.index] = np.asarray(shard.data)
+    return out.reshape(-1)
+
+
 def _write_json_atomic(path: str, value: Any) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(value, f)
     os.replace(tmp, path)
+
+
+def _alive(name: str) -> bool:
+    try:
+        os.kill(int(name[len(DIR_PREFIX):].split("-")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True         # not ours to judge (another user's process, an odd name)
+    return True
 
 
 def _claim_directory(nvme_path: str) -> tuple[str, int]:
@@ -176,6 +205,10 @@ def _claim_directory(nvme_path: str) -> tuple[str, int]:
         if name.startswith(DIR_PREFIX) and os.path.isdir(stale):
             try:
                 fd = os.open(os.path.join(stale, "lock"), os.O_RDWR)
+            except FileNotFoundError:           # killed before it locked: its pid tells
+                if not _alive(name):
+                    shutil.rmtree(stale, ignore_errors=True)
+                continue
             except OSError:
                 continue
             try:
@@ -450,14 +483,20 @@ class NvmeOptimizer:
     # ---- initial state ---------------------------------------------------------------------------
     def initialize(self, params: Any) -> dict[str, jax.Array]:
         """Write the optimizer's initial state (of these params) to slot 0; return the scalars."""
-        host = self._host_leaves(params)
+        tree = {k: params[k] for k in self.trained} if self.trained else params
+        leaves = self.treedef.flatten_up_to(tree)
+        host: dict[int, np.ndarray] = {}        # leaves being read, gathered one at a time
         scalars = None
         for g, group in enumerate(self.groups):
             self._compile(group)
             for k in range(group.count):
                 chunk = np.zeros(group.sub_size, group.dtype)
                 for leaf, a, b, at in self._spans(group, k):
+                    if leaf not in host:
+                        host[leaf] = _to_host(leaves[leaf])
                     chunk[at:at + b - a] = host[leaf][a:b]
+                    if b == host[leaf].size:
+                        del host[leaf]
                 elems, new_scalars = group.init(self._device(chunk))
                 scalars = scalars or new_scalars
                 for j, elem in enumerate(elems):
@@ -467,10 +506,6 @@ class NvmeOptimizer:
         self.slot, self.steps = 0, 0
         self._write_manifest()
         return self.device_scalars()
-
-    def _host_leaves(self, params: Any) -> list[np.ndarray]:
-        tree = {k: params[k] for k in self.trained} if self.trained else params
-        return [np.asarray(x).reshape(-1) for x in self.treedef.flatten_up_to(tree)]
 
     def device_scalars(self) -> dict[str, jax.Array]:
         return {n: jax.device_put(v, self.scalar_shardings[n]) for n, v in self.scalars.items()}
@@ -566,8 +601,8 @@ class NvmeOptimizer:
                 spans = list(self._spans(group, k))
                 for leaf, a, b, at in spans:
                     if leaf not in host_old:
-                        host_old[leaf] = np.asarray(old_leaves[leaf]).reshape(-1)
-                        host_grad[leaf] = np.asarray(grad_leaves[leaf]).reshape(-1)
+                        host_old[leaf] = _to_host(old_leaves[leaf])
+                        host_grad[leaf] = _to_host(grad_leaves[leaf])
                         host_new[leaf] = np.empty(host_old[leaf].size, group.dtype)
                     p_chunk[at:at + b - a] = host_old[leaf][a:b]
                     g_chunk[at:at + b - a] = host_grad[leaf][a:b]
@@ -658,7 +693,7 @@ class NvmeOptimizer:
             leaves = self.treedef.flatten_up_to(part)
             for g, group in enumerate(self.groups):
                 for leaf, offset in zip(group.leaves, group.offsets):
-                    host = np.asarray(leaves[leaf], self.elem_dtypes[j]).reshape(-1)
+                    host = _to_host(leaves[leaf]).astype(self.elem_dtypes[j], copy=False)
                     _pwrite_from(self.fds[write_slot][g][j], host, offset * host.itemsize, self.block_size)
             j += 1
         self.scalars, self.slot, self.failed = scalars, write_slot, None
