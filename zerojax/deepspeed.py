@@ -27,7 +27,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
