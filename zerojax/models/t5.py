@@ -80,6 +80,11 @@ class T5Config:
         L.check_positive(self, "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                          "relative_attention_num_buckets", "relative_attention_max_distance",
                          "layer_norm_epsilon", "initializer_factor")
+        if isinstance(self.eos_token_id, (list, tuple)) and len(self.eos_token_id) == 1:
+            object.__setattr__(self, "eos_token_id", self.eos_token_id[0])     # HF's one-id list
+        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
+                                              or not isinstance(self.eos_token_id, int)):
+            raise ValueError(f"T5Config.eos_token_id must be one int or None, got {self.eos_token_id!r}")
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         L.check_ints(self, "num_decoder_layers")
