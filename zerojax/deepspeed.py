@@ -261,7 +261,7 @@ class DeepSpeedEngine(Engine):
                 f"{what} in the middle of gradient accumulation ({self.micro_steps % self.gradient_accumulation_steps()}"
                 f" of {self.gradient_accumulation_steps()} micro-batches stepped, gradients "
                 f"{'pending' if self._accumulated is not None else 'none'}): the accumulated gradients "
-                f"are not saved; call it after the step() that applies the update")
+                f"would be lost; call it after the step() that applies the update")
 
     def train_step(self, batch: Mapping[str, Any]) -> dict:
         self._check_at_boundary("train_step()")
