@@ -118,3 +118,25 @@ def test_train_deepspeed_bad_input_exits_2(hf_llama, tmp_path, capsys, argv, mes
         argv = ["--deepspeed", _ds_json(tmp_path)] + argv
     assert cli.main(["train", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_deepspeed_fine_tunes_t5_on_source_target(tmp_path):
+    """An encoder-decoder model trains on the pairs themselves (loss on the targets)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    model_dir = str(tmp_path / "t5")
+    T5ForConditionalGeneration(T5Config(
+        vocab_size=256, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+        pad_token_id=0)).save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": w, "target": w[::-1]}) + "\n"
+                            for w in ("alpha", "beta", "gamma", "delta") * 4))
+    plain = {"train_micro_batch_size_per_gpu": "auto", "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+             "zero_optimization": {"stage": 3}}
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--deepspeed", _ds_json(tmp_path, plain), "--model", model_dir, "--data", str(data),
+                   "--steps", "2", "--out", str(out), "--per_device_train_batch_size", "1",
+                   "--seq-len", "8", "--learning_rate", "1e-3"])
+    assert rc == 0 and (out / "latest").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]

@@ -154,7 +154,8 @@ def data_kind(path: str | None) -> str:
 
 def run_config(ds_config: str, model_dir: str, args: TrainerArguments, *, data: str | None,
                seq_len: int | None, steps: int | None, out: str | None, devices: int) -> tuple[dict, str, list[str]]:
-    """(zerojax config dict, "corpus" | "pairs", the "auto" lines) for `zerojax train --deepspeed`."""
+    """(zerojax config dict, "corpus" | "pairs" | "seq2seq", the "auto" lines) for `zerojax train
+    --deepspeed`: "pairs" fine-tune a decoder on the responses (SFT), "seq2seq" an encoder-decoder."""
     from zerojax import hf
 
     try:
@@ -184,6 +185,8 @@ def run_config(ds_config: str, model_dir: str, args: TrainerArguments, *, data: 
     if out:
         train["out"] = out
     zj["train"] = train
+    if kind == "pairs" and section["type"] == "t5":
+        kind = "seq2seq"                    # an encoder-decoder trains on the pairs directly
     if kind == "pairs":
         zj["rlhf"] = {**zj.get("rlhf", {}), "data": data, "max_len": max_len,
                       "max_prompt_len": max_len // 2}

@@ -144,17 +144,23 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
     if config.zerojax.compilation_cache:      # before anything compiles (the engine sets it too)
         use_compilation_cache(config.zerojax.compilation_cache)
 
-    init_from, vocab = None, None
+    init_from, vocab, section = None, None, {}
     if model_fn is None:
         model_fn, section = model_fn_from_config(config)
         init_from, vocab = section["init_from"], section.get("vocab_size")
     seq_len = int(config.zerojax.data.get("seq_len", 256))
-    corpus = None
-    if data is None:    # read and check the data before building anything expensive
+    corpus, pairs = None, None
+    if data is None and section.get("type") == "t5":     # encoder-decoder: source/target pairs
+        pairs = _seq2seq_examples(config.zerojax.data, init_from, seq_len)
+    elif data is None:  # read and check the data before building anything expensive
         corpus = load_corpus(config.zerojax.data, vocab_size=vocab or 2**32)
 
     engine = initialize(model_fn=model_fn, config=config)
     rows = engine.batch_sizes.train_batch_size
+    if pairs is not None:
+        from zerojax.seq2seq import Seq2SeqBatches
+        data = Seq2SeqBatches(pairs, rows, max_source_len=seq_len, max_target_len=seq_len,
+                              pad_id=int(section.get("pad_token_id") or 0), seed=config.zerojax.seed)
     if corpus is not None:
         train_tokens, val_tokens = corpus
         data = TokenBatches(train_tokens, seq_len, rows, seed=config.zerojax.seed)
@@ -243,6 +249,20 @@ def train(model_fn: Callable[[nnx.Rngs], nnx.Module] | None, config: Any, data: 
         summary["stopped_early"] = True
     monitor.close(summary)
     return summary
+
+
+def _seq2seq_examples(data_section, init_from: str | None, seq_len: int) -> list:
+    """An encoder-decoder model's `zerojax.data.corpus`: `{"source", "target"}` JSONL, tokenised
+    by the model directory's tokenizer.json (else bytes), each side cut to `seq_len`."""
+    from zerojax.inference import tokenizer as tok
+    from zerojax.seq2seq import read_examples
+    path = data_section.get("corpus")
+    if not isinstance(path, str) or not path.endswith((".jsonl", ".json")):
+        raise ConfigError(f'zerojax.data.corpus: an encoder-decoder model (t5) trains on '
+                          f'{{"source", "target"}} JSONL; got {path!r} (set it to a .jsonl file)')
+    tokenizer = (tok.for_directory(init_from) if init_from and os.path.isdir(init_from) else None) \
+        or tok.ByteTokenizer()
+    return read_examples(path, tokenizer, max_source_len=seq_len, max_target_len=seq_len)
 
 
 def make_monitor(config: Config, out: str, *, steps: int, start: int, primary: bool = True, stream=None) -> Monitor:
