@@ -121,11 +121,12 @@ def test_abstract_engine_plans_without_files(batches, tmp_path):
     assert not os.path.exists(tmp_path / "nvme")
 
 
-def test_fp16_overflow_skips_the_update_without_io(tmp_path):
+def test_fp16_overflow_skips_the_update_and_a_failed_write_stops_the_engine(tmp_path, monkeypatch):
     cfg = {"train_batch_size": 8, "optimizer": {"type": "Adam", "params": {"lr": 1e-2}},
            "fp16": {"enabled": True, "initial_scale_power": 4},
            "zero_optimization": {"stage": 1, "sub_group_size": 100,
-                                 "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}}
+                                 "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path / "nvme"),
+                                                       "buffer_count": 2, "pipeline_write": True}}}
     engine = zerojax.initialize(model_fn=PlainMLP, config=cfg)
     batch = mlp_batches(1, 8)[0]
     engine.train_step(batch)
@@ -136,6 +137,27 @@ def test_fp16_overflow_skips_the_update_without_io(tmp_path):
     assert relative_error(engine.state.params, before[0]) == 0         # untouched, bit for bit
     assert relative_error(engine.nvme.canonical_opt_state(), before[1]) == 0
     assert engine.nvme.slot == before[2]                                 # nothing written
+
+    # A write that fails half-way (a full disk): the step raises, the engine refuses to go on
+    # with half-updated params, and loading a checkpoint puts it right.
+    engine.save_checkpoint(str(tmp_path / "ckpt"))
+    write, calls = nvme.NvmeOptimizer._write, []
+
+    def failing_write(self, *args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return write(self, *args)
+
+    monkeypatch.setattr(nvme.NvmeOptimizer, "_write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        engine.train_step(batch)
+    assert engine.nvme.slot == before[2]                                 # the files: still step 1
+    with pytest.raises(RuntimeError, match="failed half-way.*load a checkpoint"):
+        engine.train_step(batch)
+    monkeypatch.setattr(nvme.NvmeOptimizer, "_write", write)
+    engine.load_checkpoint(str(tmp_path / "ckpt"))
+    assert relative_error(engine.state.params, before[0]) == 0
     assert not bool(engine.train_step(batch)["skipped"]) and int(engine.state.step) == 2
 
 

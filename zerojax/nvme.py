@@ -49,7 +49,9 @@ written to the files). Each engine works in its own directory
 when it is garbage-collected or the interpreter exits; a new engine removes the
 directories of dead processes (their lock is free) under the same `nvme_path`.
 Files are not fsynced: the working state survives a process kill, not a power loss (the
-checkpoint is what a run resumes from either way).
+checkpoint is what a run resumes from either way). A step that fails half-way in-process
+(an I/O error, a full disk) leaves the files at the last step but the params partly
+updated: the engine then refuses to step until `load_checkpoint` restores both.
 
 **Memory.** Besides the params, the gradients and the buffers above, a step holds the
 leaves it is rebuilding: a host copy of the new values and, while it goes to the devices,
@@ -572,11 +574,19 @@ class NvmeOptimizer:
             else:
                 reads[i] = (arena, self._read(read_slot, g, k, arena))
 
+        failed_writes: list[BaseException] = []
+
         def write_done(arena):
-            return lambda future: arenas.put(arena) if future.exception() is None else None
+            def done(future):
+                if future.exception() is not None:
+                    failed_writes.append(future.exception())
+                arenas.put(arena)
+            return done
 
         try:
             for i, (g, k) in enumerate(order):
+                if failed_writes:
+                    raise failed_writes[0]
                 group = self.groups[g]
                 self._compile(group)
                 if issued == i:                      # this sub-group's read: wait for a buffer
@@ -636,26 +646,17 @@ class NvmeOptimizer:
                     new_leaves[leaf] = old_leaves[leaf]
             for future in writes:
                 future.result()
-        finally:
-            for future in writes:                     # never leave a write running on error
+        except BaseException:
+            # Let the I/O in flight finish before the error leaves; the buffers are made anew.
+            for future in [f for _, f in reads.values() if isinstance(f, concurrent.futures.Future)] + writes:
                 future.exception()
-            self._recover_arenas(reads, writes)
+            self._buffers = None
+            raise
         self.scalars = {n: np.asarray(x) for n, x in zip(self.scalar_names, new_scalars)}
         self.slot, self.steps = write_slot, self.steps + 1
         self._write_manifest()
         new_trained = self.treedef.unflatten(new_leaves)
         return {**params, **new_trained} if self.trained else new_trained
-
-    def _recover_arenas(self, reads, writes) -> None:
-        """After an error, give back the buffers of reads that were never consumed and of
-        writes that failed (successful writes gave theirs back already)."""
-        for arena, views in reads.values():
-            if isinstance(views, concurrent.futures.Future):
-                views.exception()
-            self._buffers.put(arena)
-        reads.clear()
-        if any(f.exception() is not None for f in writes):
-            self._buffers = None          # rebuilt on the next use
 
     # ---- the canonical tree (checkpoints) ---------------------------------------------------------
     def canonical_opt_state(self) -> Any:
