@@ -185,23 +185,36 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
-    """Memory of every ZeRO stage x remat candidate, compiled on --devices simulated CPU devices."""
+def _device_count(raw: str) -> int:
     try:
-        n = int(args.devices)
+        n = int(raw)
     except ValueError:
-        raise ValueError(f"--devices must be an integer >= 1, got {args.devices!r}") from None
+        raise ValueError(f"--devices must be an integer >= 1, got {raw!r}") from None
     if n < 1:
         raise ValueError(f"--devices must be an integer >= 1, got {n}")
-    from zerojax.plan import format_plan, parse_bytes, plan
-    limit = parse_bytes(args.device_memory) if args.device_memory is not None else None
-    config = _load_config(args.config, args.set)        # bad keys fail before any compile
+    return n
+
+
+def _simulate_cpu_devices(n: int) -> None:
+    """N CPU devices for ahead-of-time compiles, when jax has not started its backends yet."""
     from jax._src import xla_bridge
     if not xla_bridge.backends_are_initialized():       # read when the backend starts
         from zerojax.distributed import strip_device_count_flag
         os.environ["XLA_FLAGS"] = (strip_device_count_flag(os.environ.get("XLA_FLAGS", ""))
                                    + f" --xla_force_host_platform_device_count={n}").strip()
-    result = plan(config, n, limit)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Every ZeRO stage x micro-batch x remat x offload candidate, compiled on --devices simulated CPU devices."""
+    n = _device_count(args.devices)
+    from zerojax.plan import accelerator_named, format_plan, parse_bytes, plan
+    accelerator_named(args.accelerator)                 # bad flags fail before any compile
+    device_memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
+    host_memory = parse_bytes(args.host_memory, "--host-memory") if args.host_memory is not None else None
+    config = _load_config(args.config, args.set)
+    _simulate_cpu_devices(n)
+    result = plan(config, n, device_memory, host_memory=host_memory, accelerator=args.accelerator,
+                  compile=not args.no_compile)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
@@ -275,14 +288,30 @@ def _add_train_commands(commands) -> None:
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     info.set_defaults(run=_info)
 
-    plan = commands.add_parser("plan", help="per-device memory of each ZeRO stage x remat candidate, "
-                                            "compiled ahead of time on N simulated devices")
-    plan.add_argument("config", help="DeepSpeed JSON config; model in its \"zerojax\" section")
-    plan.add_argument("--devices", required=True, metavar="N", help="number of devices to plan for")
-    plan.add_argument("--device-memory", metavar="SIZE", help="memory per device, e.g. 80GiB (default: unlimited)")
-    plan.add_argument("--json", action="store_true", help="print only JSON on stdout")
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan = commands.add_parser("plan", help="per-device memory and predicted step time of each ZeRO stage x "
+                                            "micro-batch x remat x offload candidate, compiled ahead of time "
+                                            "on N simulated devices")
+    _add_plan_options(plan, devices_required=True)
+    plan.add_argument("--no-compile", action="store_true",
+                      help="state columns (params, grads, optimizer, host) only, from the shardings; "
+                           "no temp or step time")
     plan.set_defaults(run=_plan)
+
+
+def _add_plan_options(parser, devices_required: bool) -> None:
+    parser.add_argument("config", help="DeepSpeed JSON config; model in its \"zerojax\" section")
+    parser.add_argument("--devices", required=devices_required, metavar="N",
+                        help="number of devices to plan for" if devices_required else
+                        "use the first N devices (on CPU: N simulated devices; default: all)")
+    parser.add_argument("--device-memory", metavar="SIZE",
+                        help="memory per device, e.g. 80GiB (default: the accelerator's)")
+    parser.add_argument("--host-memory", metavar="SIZE", help="memory per host, e.g. 1TiB (default: no limit)")
+    parser.add_argument("--accelerator", metavar="NAME", default="h100" if devices_required else None,
+                        help="a100, h100, h200, v5e, v5p or cpu: the peak FLOP/s and bandwidths the "
+                             "predicted step time uses (default: " + ("h100" if devices_required else
+                             "the devices' own") + ")")
+    parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
 def build_parser() -> argparse.ArgumentParser:
