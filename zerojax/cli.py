@@ -219,6 +219,27 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _autotune(args: argparse.Namespace) -> int:
+    """Rank candidates with the planner, time the best few on the devices, write the best config."""
+    if args.devices is not None:
+        _simulate_cpu_devices(_device_count(args.devices))
+    else:
+        _cpu_devices_default()
+    from zerojax.plan import accelerator_named, parse_bytes
+    if args.accelerator is not None:
+        accelerator_named(args.accelerator)
+    device_memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
+    host_memory = parse_bytes(args.host_memory, "--host-memory") if args.host_memory is not None else None
+    from zerojax import autotune
+    autotune.load(args.config, _parse_set(args.set))     # a bad config fails before anything compiles
+    result = autotune.autotune(args.config, None if args.devices is None else int(args.devices),
+                               device_memory=device_memory, host_memory=host_memory,
+                               accelerator=args.accelerator, overrides=_parse_set(args.set),
+                               log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(result, indent=2) if args.json else autotune.format_results(result))
+    return 0 if result["best"] else 1
+
+
 def _add_run_options(parser, example_set: str) -> None:
     """--steps, --out and --set: what every training command takes."""
     parser.add_argument("--steps", type=int, help="train to this many steps (default: zerojax.train.steps)")
@@ -296,6 +317,12 @@ def _add_train_commands(commands) -> None:
                       help="state columns (params, grads, optimizer, host) only, from the shardings; "
                            "no temp or step time")
     plan.set_defaults(run=_plan)
+
+    autotune = commands.add_parser("autotune", help="rank candidates with the planner, time the best few "
+                                                    "with short runs on the devices, write the best config "
+                                                    "(DeepSpeed's \"autotuning\" section)")
+    _add_plan_options(autotune, devices_required=False)
+    autotune.set_defaults(run=_autotune)
 
 
 def _add_plan_options(parser, devices_required: bool) -> None:

@@ -27,6 +27,9 @@ Schema (defaults in parentheses; DeepSpeed's docs describe the DeepSpeed keys)::
               activation_checkpoint_interval 0, seed_layers, pipe_partitioned, grad_partitioned}
     activation_checkpointing {partition_activations, cpu_checkpointing, ...}
     aio {block_size 1048576, thread_count 1 (or intra_op_parallelism): NVMe offload's I/O}
+    autotuning {enabled false, fast true, metric throughput|latency|flops, results_dir, exps_dir,
+                start_profile_step 3, end_profile_step 5, tuner_type gridsearch|random|model_based,
+                tuner_num_trials 50, tuner_early_stopping 5, ...}: read by `zerojax autotune`
     zerojax {mesh {data -1, sequence 1, tensor 1, pipe 1, replica 1},
              kernels "auto"|"xla"|"pallas", remat "auto"|"full"|"minimal"|"none" ("auto": full
              under ZeRO-3 or with an activation_checkpointing section, else none),
@@ -219,6 +222,25 @@ class MonitorConfig:
     enabled: bool = False
     output_path: str = ""
     job_name: str = "DeepSpeedJobName"
+
+
+@dataclasses.dataclass(frozen=True)
+class AutotuningConfig:
+    """DeepSpeed's `autotuning` section, read by `zerojax autotune` (zerojax.autotune)."""
+    enabled: bool = False
+    fast: bool = True                        # time the planner's best few (else up to tuner_num_trials)
+    metric: str = "throughput"               # "throughput" | "latency" | "flops"
+    results_dir: str = "autotuning_results"  # ds_config_optimal.json, summary.txt
+    exps_dir: str = "autotuning_exps"        # one directory per timed experiment
+    overwrite: bool = True                   # False: reuse an experiment's earlier result
+    start_profile_step: int = 3              # steps run before timing starts
+    end_profile_step: int = 5                # the step timing ends after
+    tuner_type: str = "gridsearch"           # "gridsearch" | "random" | "model_based"
+    tuner_early_stopping: int = 5            # trials without a better metric before stopping
+    tuner_num_trials: int = 50
+    min_train_micro_batch_size_per_gpu: int = 1
+    max_train_micro_batch_size_per_gpu: int = 1024
+    num_tuning_micro_batch_sizes: int = 3    # micro-batch sizes timed per layout, largest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -722,11 +744,61 @@ def _parse_zerojax(raw: Any) -> ZeroJaxConfig:
     return ZeroJaxConfig(**sec)
 
 
+_AUTOTUNING = {
+    "enabled": (_bool, False), "fast": (_bool, True),
+    "metric": (lambda v, p: _choice("throughput", "latency", "flops")(v.lower() if isinstance(v, str) else v, p),
+               "throughput"),
+    "results_dir": (_str, "autotuning_results"), "exps_dir": (_str, "autotuning_exps"),
+    "overwrite": (_bool, True), "start_profile_step": (_int(0), 3), "end_profile_step": (_int(1), 5),
+    "tuner_type": (_choice("gridsearch", "random", "model_based"), "gridsearch"),
+    "tuner_early_stopping": (_int(1), 5), "tuner_num_trials": (_int(1), 50),
+    "min_train_micro_batch_size_per_gpu": (_int(1), 1), "max_train_micro_batch_size_per_gpu": (_int(1), 1024),
+    "num_tuning_micro_batch_sizes": (_int(1), 3)}
+# DeepSpeed's autotuning knobs with no meaning here, warned by name when set: its tuner runs
+# the user's script (arg_mappings, metric_path), profiles the model first (model_info,
+# model_info_path), is told the model-parallel size (mp_size) and varies the global batch
+# (min/max_train_batch_size); zerojax builds the config's model itself, counts its params,
+# reads the mesh from the config and keeps train_batch_size, a training hyper-parameter.
+_AUTOTUNING_IGNORED = {
+    "arg_mappings": "the tuner builds the config's model itself, with no script arguments to map",
+    "metric_path": "the tuner times the runs itself, with no metric file to read",
+    "model_info": "the planner counts the params of the config's model",
+    "model_info_path": "the planner counts the params of the config's model",
+    "mp_size": "tensor/pipeline sizes come from the config's own keys",
+    "max_train_batch_size": "train_batch_size stays as the config sets it (micro-batch x "
+                            "gradient_accumulation_steps vary under it)",
+    "min_train_batch_size": "train_batch_size stays as the config sets it (micro-batch x "
+                            "gradient_accumulation_steps vary under it)"}
+_AUTOTUNING_IGNORED_DEFAULTS = {"mp_size": 1, "min_train_batch_size": 1}
+
+
+def _parse_autotuning(raw: Any) -> AutotuningConfig:
+    raw = {} if raw is None else raw
+    if isinstance(raw, Mapping):
+        for key, why in _AUTOTUNING_IGNORED.items():
+            if key in raw and raw[key] not in (None, {}, _AUTOTUNING_IGNORED_DEFAULTS.get(key)):
+                _warn(f"autotuning.{key}: has no meaning in zerojax ({why}); ignored", UnsupportedKeyWarning)
+    sec = _section(raw, "autotuning", _AUTOTUNING, noop=set(_AUTOTUNING_IGNORED))
+    for key in ("results_dir", "exps_dir"):
+        if not sec[key].strip():
+            raise ConfigError(f"autotuning.{key}: must not be empty (a directory, e.g. "
+                              f"{AutotuningConfig.__dataclass_fields__[key].default!r})")
+    if sec["end_profile_step"] <= sec["start_profile_step"]:
+        raise ConfigError(f"autotuning: end_profile_step {sec['end_profile_step']} must be greater than "
+                          f"start_profile_step {sec['start_profile_step']} (steps after start_profile_step "
+                          f"up to end_profile_step are timed)")
+    if sec["max_train_micro_batch_size_per_gpu"] < sec["min_train_micro_batch_size_per_gpu"]:
+        raise ConfigError(f"autotuning: max_train_micro_batch_size_per_gpu "
+                          f"{sec['max_train_micro_batch_size_per_gpu']} is below "
+                          f"min_train_micro_batch_size_per_gpu {sec['min_train_micro_batch_size_per_gpu']}")
+    return AutotuningConfig(**sec)
+
+
 # Real DeepSpeed top-level keys zerojax accepts but does not implement.
 _TOP_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {k: _is_active for k in (
     "wall_clock_breakdown", "memory_breakdown", "flops_profiler", "comms_logger", "wandb",
     "comet", "monitor_config", "checkpoint", "data_efficiency",
-    "compression_training", "autotuning", "elasticity", "hybrid_engine", "dataloader_drop_last",
+    "compression_training", "elasticity", "hybrid_engine", "dataloader_drop_last",
     "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
     "amp", "sparse_attention", "dump_state", "gradient_accumulation_dtype", "data_types",
     "disable_allgather", "sparse_gradients", "eigenvalue", "progressive_layer_drop",
@@ -748,7 +820,7 @@ _TOP = {
     "tensor_parallel": (lambda v, p: v, None), "sequence_parallel_size": (_int(1), 1),
     "pipeline": (lambda v, p: v, None), "activation_checkpointing": (lambda v, p: v, None),
     "tensorboard": (lambda v, p: v, None), "csv_monitor": (lambda v, p: v, None),
-    "aio": (lambda v, p: v, None),
+    "aio": (lambda v, p: v, None), "autotuning": (lambda v, p: v, None),
     "zerojax": (lambda v, p: v, None),
 }
 
@@ -777,6 +849,7 @@ class Config:
     tensorboard: MonitorConfig = MonitorConfig()
     csv_monitor: MonitorConfig = MonitorConfig()
     aio: AioConfig = AioConfig()
+    autotuning: AutotuningConfig = AutotuningConfig()
     zerojax: ZeroJaxConfig = ZeroJaxConfig()
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -840,6 +913,7 @@ class Config:
             tensorboard=MonitorConfig(**_section(top["tensorboard"], "tensorboard", _MONITOR)),
             csv_monitor=MonitorConfig(**_section(top["csv_monitor"], "csv_monitor", _MONITOR)),
             aio=AioConfig(**_section(top["aio"], "aio", _AIO, unsupported=_AIO_UNSUPPORTED)),
+            autotuning=_parse_autotuning(top["autotuning"]),
             zerojax=_parse_zerojax(top["zerojax"]),
             raw=raw,
         )
@@ -885,6 +959,7 @@ class Config:
             tensorboard=dataclasses.asdict(self.tensorboard),
             csv_monitor=dataclasses.asdict(self.csv_monitor),
             aio=dataclasses.asdict(self.aio),
+            autotuning=dataclasses.asdict(self.autotuning),
             zerojax=dataclasses.asdict(self.zerojax),
         )
         if self.steps_per_print is not None:
