@@ -10,8 +10,8 @@
 The loop runs three small compiled programs built from `zerojax.step`'s pieces: the
 forward + backward of one micro-batch (`accumulate_gradients` with one micro step; its
 gradients come out in their ZeRO layout, sharded from stage 2), an in-place add into the
-accumulated gradients (donated), and at the boundary the update (`apply_optimizer`, the
-loss scaler; the state donated) with the fused `train_step`'s math: unscale, average over
+accumulated gradients (donated), and at the boundary the update (`apply_accumulated`, the
+same function the fused `train_step` ends with; the state donated): unscale, average over
 the `gradient_accumulation_steps` micro-batches, clip by the global norm, skip on fp16
 overflow. `engine.train_step(batch)` (one program for the whole step) stays the fast path.
 
@@ -36,11 +36,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import checkpoint, distributed, optim, precision
+from zerojax import checkpoint, distributed, optim
 from zerojax.config import Config, ConfigError
 from zerojax.engine import Engine
 from zerojax.mesh import data_parallel_size
-from zerojax.step import StepSpec, TrainState, accumulate_gradients, apply_optimizer, params_for_step
+from zerojax.step import StepSpec, TrainState, accumulate_gradients, apply_accumulated, params_for_step
 
 __all__ = ["initialize", "add_config_arguments", "init_distributed", "zero", "DeepSpeedEngine",
            "DeepSpeedDataLoader", "LRScheduler", "Optimizer"]
@@ -59,31 +59,6 @@ def _forward_backward(spec: StepSpec, state: TrainState, batch: Any):
 
 def _add(accumulated: Any, grads: Any) -> Any:
     return jax.tree.map(jnp.add, accumulated, grads)
-
-
-def _apply_accumulated(spec: StepSpec, state: TrainState, grads: Any) -> tuple[TrainState, dict]:
-    """The update from summed scaled grads of `spec.micro_batches` micro-batches.
-
-    The same math as the tail of `zerojax.step.train_step` (after its micro-batch scan).
-    """
-    stored_params = state.params
-    state = state._replace(params=params_for_step(spec, state.params))
-    grads = jax.tree.map(lambda g: g / (state.loss_scale.scale * spec.micro_batches), grads)
-    grad_norm = optax.tree.norm(grads)
-    if spec.gradient_clipping > 0:
-        coef = spec.gradient_clipping / (grad_norm + 1e-6)
-        grads = jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0), grads)
-    lr = spec.lr_fn(state.step)
-    overflow = ~jnp.isfinite(grad_norm) if spec.fp16 else jnp.asarray(False)
-    new_params, new_opt_state = apply_optimizer(spec, grads, state.opt_state, stored_params,
-                                                state.params, overflow)
-    new_state = state._replace(
-        params=new_params, opt_state=new_opt_state,
-        step=state.step + jnp.where(overflow, 0, 1).astype(jnp.int32),
-        loss_scale=precision.update_loss_scale(state.loss_scale, overflow, spec.config))
-    metrics = {"grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32),
-               "loss_scale": state.loss_scale.scale, "skipped": overflow, "step": new_state.step}
-    return new_state, metrics
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,7 +96,7 @@ class DeepSpeedEngine(Engine):
             functools.partial(_forward_backward, one_micro),
             out_shardings=(grad_shardings, scalar, self.state_shardings.model_state))
         self._add = jax.jit(_add, out_shardings=grad_shardings, donate_argnums=0)
-        self._apply = jax.jit(functools.partial(_apply_accumulated, self.step_spec),
+        self._apply = jax.jit(functools.partial(apply_accumulated, self.step_spec),
                               out_shardings=(self.state_shardings, scalar), donate_argnums=0)
 
     # ---- DeepSpeed's sizes ------------------------------------------------------------

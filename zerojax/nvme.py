@@ -86,7 +86,7 @@ import queue
 import shutil
 import threading
 import weakref
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from zerojax import checkpoint, host_memory, precision
 from zerojax.config import Config, ConfigError
-from zerojax.step import StepSpec, TrainState, accumulate_gradients, params_for_step
+from zerojax.step import StepSpec, TrainState, accumulate_gradients, advance, params_for_step, unscale_and_clip
 
 DIR_PREFIX = "zerojax-optimizer-"
 MANIFEST = "manifest.json"
@@ -125,21 +125,12 @@ def gradient_step(spec: StepSpec, trained: tuple[str, ...] | None, state: TrainS
     overflow check, loss-scale update and metrics; the update itself runs on the host."""
     state = state._replace(params=params_for_step(spec, state.params))
     grads, loss, model_metrics, model_state = accumulate_gradients(spec, state, batch)
-    grads = jax.tree.map(lambda g: g / (state.loss_scale.scale * spec.micro_batches), grads)
-    grad_norm = optax.tree.norm(grads)
-    if spec.gradient_clipping > 0:
-        coef = spec.gradient_clipping / (grad_norm + 1e-6)
-        grads = jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0), grads)
+    grads, grad_norm, overflow = unscale_and_clip(spec, state, grads)
     if trained is not None:
         grads = {k: grads[k] for k in trained}
-    overflow = ~jnp.isfinite(grad_norm) if spec.fp16 else jnp.asarray(False)
-    new_step = state.step + jnp.where(overflow, 0, 1).astype(jnp.int32)
-    out = Gradients(grads=grads, step=new_step,
-                    loss_scale=precision.update_loss_scale(state.loss_scale, overflow, spec.config),
-                    model_state=model_state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(spec.lr_fn(state.step), jnp.float32),
-               "loss_scale": state.loss_scale.scale, "skipped": overflow, "step": new_step,
-               **{k: jnp.asarray(v, jnp.float32) for k, v in model_metrics.items()}}
+    new_step, loss_scale, metrics = advance(spec, state, grad_norm, overflow)
+    out = Gradients(grads=grads, step=new_step, loss_scale=loss_scale, model_state=model_state)
+    metrics = {"loss": loss, **metrics, **{k: jnp.asarray(v, jnp.float32) for k, v in model_metrics.items()}}
     return out, metrics
 
 

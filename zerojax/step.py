@@ -163,40 +163,49 @@ def apply_optimizer(spec: StepSpec, grads: Any, opt_state: Any, params: Any, dev
     return keep(new_params, device_params), keep(new_opt_state, opt_state)
 
 
-def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-    stored_params = state.params
-    state = state._replace(params=params_for_step(spec, state.params))
-    grads, loss, model_metrics, model_state = accumulate_gradients(spec, state, batch)
-    # Unscale and average over micro-batches (DeepSpeed divides the loss by gas).
+def unscale_and_clip(spec: StepSpec, state: TrainState, grads: Any) -> tuple[Any, jax.Array, jax.Array]:
+    """(grads, their global norm, fp16 overflow) from the summed, loss-scaled grads of
+    `spec.micro_batches` micro-batches: unscaled and averaged (DeepSpeed divides the loss
+    by gas), clipped by the global norm as DeepSpeed clips."""
     grads = jax.tree.map(lambda g: g / (state.loss_scale.scale * spec.micro_batches), grads)
-
     grad_norm = optax.tree.norm(grads)
     if spec.gradient_clipping > 0:
         # DeepSpeed: clip_coef = max_norm / (norm + 1e-6), applied only when < 1.
         coef = spec.gradient_clipping / (grad_norm + 1e-6)
         grads = jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0), grads)
-
-    lr = spec.lr_fn(state.step)
     overflow = ~jnp.isfinite(grad_norm) if spec.fp16 else jnp.asarray(False)
-    new_params, new_opt_state = apply_optimizer(spec, grads, state.opt_state, stored_params,
-                                                state.params, overflow)
-    new_state = TrainState(
-        params=new_params,
-        opt_state=new_opt_state,
-        step=state.step + jnp.where(overflow, 0, 1).astype(jnp.int32),
-        loss_scale=precision.update_loss_scale(state.loss_scale, overflow, spec.config),
-        model_state=model_state,
-    )
-    metrics = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "lr": jnp.asarray(lr, jnp.float32),
-        "loss_scale": state.loss_scale.scale,
-        "skipped": overflow,
-        "step": new_state.step,
-        **{k: jnp.asarray(v, jnp.float32) for k, v in model_metrics.items()},
-    }
-    return new_state, metrics
+    return grads, grad_norm, overflow
+
+
+def advance(spec: StepSpec, state: TrainState, grad_norm: jax.Array, overflow: jax.Array
+            ) -> tuple[jax.Array, Any, dict]:
+    """(new step count, new loss scale, the step's metrics): an overflowing step is not counted."""
+    step = state.step + jnp.where(overflow, 0, 1).astype(jnp.int32)
+    metrics = {"grad_norm": grad_norm, "lr": jnp.asarray(spec.lr_fn(state.step), jnp.float32),
+               "loss_scale": state.loss_scale.scale, "skipped": overflow, "step": step}
+    return step, precision.update_loss_scale(state.loss_scale, overflow, spec.config), metrics
+
+
+def apply_accumulated(spec: StepSpec, state: TrainState, grads: Any) -> tuple[TrainState, dict]:
+    """The optimizer step from the summed, loss-scaled grads of `spec.micro_batches` micro-batches:
+    `unscale_and_clip`, update (the old values kept on an fp16 overflow), `advance`.
+    `state.params` are the stored ones (maybe on the host). Returns the new state
+    (model_state untouched) and the step's metrics."""
+    grads, grad_norm, overflow = unscale_and_clip(spec, state, grads)
+    new_params, new_opt_state = apply_optimizer(spec, grads, state.opt_state, state.params,
+                                                params_for_step(spec, state.params), overflow)
+    step, loss_scale, metrics = advance(spec, state, grad_norm, overflow)
+    return state._replace(params=new_params, opt_state=new_opt_state, step=step,
+                          loss_scale=loss_scale), metrics
+
+
+def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    on_device = state._replace(params=params_for_step(spec, state.params))
+    grads, loss, model_metrics, model_state = accumulate_gradients(spec, on_device, batch)
+    new_state, metrics = apply_accumulated(spec, state, grads)
+    metrics = {"loss": loss, **metrics,
+               **{k: jnp.asarray(v, jnp.float32) for k, v in model_metrics.items()}}
+    return new_state._replace(model_state=model_state), metrics
 
 
 def eval_loss(spec: StepSpec, state: TrainState, batch: Any) -> jax.Array:
