@@ -13,9 +13,10 @@ from zerojax.trainer import model_fn_from_config
 
 from tests.test_plan_command import CONFIG as PLANNED
 
-# The tiny Llama `test_plan_command` plans (its ZeRO-3 programs come from the shared compile
-# cache when that file ran first), ZeRO-3 only: DeepSpeed tunes the config's stage. Short runs.
-CONFIG = {**PLANNED, "autotuning": {"enabled": True, "start_profile_step": 1, "end_profile_step": 3}}
+# The tiny Llama `test_plan_command` plans, 8 rows over 8 devices (one micro-batch size: two
+# programs to plan), ZeRO-3 only (DeepSpeed tunes the config's stage), short runs.
+CONFIG = {**PLANNED, "train_batch_size": 8,
+          "autotuning": {"enabled": True, "start_profile_step": 1, "end_profile_step": 3}}
 
 
 def _config(tmp_path, **autotuning):
@@ -57,14 +58,14 @@ def test_autotune_times_only_what_fits_and_its_best_config_trains(tmp_path):
     c = best["candidate"]
     assert (optimal["zero_optimization"]["stage"], optimal["train_micro_batch_size_per_gpu"],
             optimal["gradient_accumulation_steps"], optimal["train_batch_size"], optimal["zerojax"]["remat"]) == \
-        (3, c["micro_batch"], c["gradient_accumulation_steps"], 16, c["remat"])
+        (3, c["micro_batch"], c["gradient_accumulation_steps"], 8, c["remat"])
     assert ("offload_optimizer" in optimal["zero_optimization"]) == (c["offload"] != "none")
 
     # The written config loads and trains.
     cfg = Config.load(optimal)
     model_fn, _ = model_fn_from_config(cfg)
     engine = initialize(model_fn=model_fn, config=cfg, devices=devices)
-    batch = {"input_ids": np.random.default_rng(0).integers(0, 64, (16, 8), dtype=np.int32)}
+    batch = {"input_ids": np.random.default_rng(0).integers(0, 64, (8, 8), dtype=np.int32)}
     assert np.isfinite(float(engine.train_step(batch)["loss"]))
 
 

@@ -55,6 +55,7 @@ def _compiled_engine(stage, remat, micro):
                       example_batch={"input_ids": np.zeros((1, 8), np.int32)})
 
 
+@pytest.mark.slow      # the module's plan compiles six programs
 def test_candidates_cover_stage_micro_remat_offload_best_first(result):
     assert result["devices"] == 8 and result["data_parallel"] == 8 and result["accelerator"] == "h100"
     offloads = {0: ["none"], 3: ["none", "optimizer", "optimizer+params"]}
@@ -73,6 +74,7 @@ def test_candidates_cover_stage_micro_remat_offload_best_first(result):
         assert needle in notes
 
 
+@pytest.mark.slow      # the module's plan compiles six programs
 def test_state_and_temp_are_the_compiled_programs(result):
     # The compiled ends: micro-batch 1 at every stage, 2 at the config's stage (3).
     for stage, remat, micro in ((0, "none", 1), (3, "full", 1), (3, "full", 2)):
@@ -87,6 +89,7 @@ def test_state_and_temp_are_the_compiled_programs(result):
         assert _find(result, 0, remat, 2)["temp_bytes"] == _find(result, 0, remat, 1)["temp_bytes"] + per_row
 
 
+@pytest.mark.slow      # the module's plan compiles six programs
 def test_zero3_shards_params_grads_and_optimizer_over_the_devices(result):
     engine = _compiled_engine(3, "full", 1)
     params = jax.tree.leaves(engine.state.params)
@@ -105,6 +108,7 @@ def test_zero3_shards_params_grads_and_optimizer_over_the_devices(result):
     assert _find(result, 3, "full", 1, "optimizer")["deepspeed_estimate_bytes"] == 4 * largest + int(2 * total / 8)
 
 
+@pytest.mark.slow      # the module's plan compiles six programs
 def test_offload_columns_move_state_to_the_host(result):
     plain = _find(result, 3, "full", 1)
     opt, both = _find(result, 3, "full", 1, "optimizer"), _find(result, 3, "full", 1, "optimizer+params")
@@ -123,6 +127,7 @@ def test_offload_columns_move_state_to_the_host(result):
         assert row["step_seconds"] == pytest.approx(plain["step_seconds"] + extra, rel=1e-9)
 
 
+@pytest.mark.slow      # the module's plan compiles six programs
 def test_fits_and_order_follow_device_and_host_memory(result):
     plain = _find(result, 3, "full", 1)
     limit = plain["total_bytes"] - 1          # the plain layout no longer fits; offloading does
@@ -135,6 +140,7 @@ def test_fits_and_order_follow_device_and_host_memory(result):
     assert all(c["fits"] == (c["offload"] == "none") for c in no_host["candidates"])
 
 
+@pytest.mark.slow      # the module's plan compiles six programs
 def test_step_time_counts_loops_and_collectives(result):
     c = _find(result, 3, "full", 1)
     s = c["seconds"]
@@ -151,6 +157,7 @@ def test_step_time_counts_loops_and_collectives(result):
         assert derived[kind] == pytest.approx(value, rel=0.02), kind
 
 
+@pytest.mark.slow      # the module's plan compiles six programs
 def test_no_compile_gives_the_same_state_columns(result):
     quick = plan(CONFIG, jax.devices()[:8], stages=(0, 3), compile=False)
     assert not quick["compiled"] and any("not compiled" in n for n in quick["notes"])
