@@ -122,3 +122,31 @@ def test_initialize_uses_the_persistent_compilation_cache(tmp_path):
     assert hits() == 0
     assert any((tmp_path / "cache").iterdir())
     assert hits() >= 1
+
+
+def test_zero3_in_bf16_casts_the_stored_shards_before_gathering():
+    """Under ZeRO-3 with a 16-bit compute dtype the step casts each param shard where it is
+    stored, so the per-layer gathers move 16-bit values (as DeepSpeed's do): the step's first
+    layout constraint on each param is a bf16 one in the stored (sharded) layout. (XLA:CPU
+    still runs the gathers in f32: it has no bf16 collectives.)"""
+    import dataclasses
+    import functools
+
+    import jax.numpy as jnp
+
+    from zerojax.step import model_loss
+    cfg = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+           "bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine = zerojax.initialize(model_fn=tiny_llama, config=cfg, abstract=True)
+    batch = {"input_ids": jax.ShapeDtypeStruct((8, 16), jnp.int32)}
+    jaxpr = jax.make_jaxpr(functools.partial(model_loss, engine.step_spec))(
+        engine.state.params, engine.state.model_state, batch)
+    leaves = len(jax.tree.leaves(engine.state.params))
+    first = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "sharding_constraint"][:leaves]
+    assert first and all(eqn.invars[0].aval.dtype == jnp.bfloat16 for eqn in first)
+    assert all("data" in str(eqn.params["sharding"].spec) for eqn in first)
+    plain = dataclasses.replace(engine.step_spec, cast_shards_first=None)
+    jaxpr = jax.make_jaxpr(functools.partial(model_loss, plain))(
+        engine.state.params, engine.state.model_state, batch)
+    first = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "sharding_constraint"][:leaves]
+    assert not all(eqn.invars[0].aval.dtype == jnp.bfloat16 for eqn in first)

@@ -189,6 +189,8 @@ class Engine:
             grad_specs=self.layout.grads, micro_batches=self.batch_sizes.gradient_accumulation_steps,
             gradient_clipping=config.gradient_clipping, fp16=config.fp16.enabled, config=config,
             cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32,
+            cast_shards_first=(self.layout.params if self._casts_per_layer and stage >= 3
+                               and self.compute_dtype != jnp.float32 else None),
             logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
             opt_state_on_device=opt_on_device, params_on_device=params_on_device,
             whole_model_remat=(None if self._casts_per_layer

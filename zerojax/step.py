@@ -53,6 +53,9 @@ class StepSpec:
     params_on_device: Any = None
     # Update offloaded state one layer at a time (element-wise optimizers only).
     stream_offloaded_update: bool = False
+    # The stored params' specs when ZeRO-3 gathers per layer in a 16-bit compute dtype:
+    # the step casts the shards before any gather; None: no such cast.
+    cast_shards_first: Any = None
     # A checkpoint policy over the whole loss, for modules that do not remat per layer
     # themselves (a user's module); None: none.
     whole_model_remat: Any = None
@@ -69,6 +72,11 @@ def model_loss(spec: StepSpec, params: Any, model_state: Any, batch: Any):
         with compute.use(spec.policy):
             if spec.cast_params_whole:
                 params = jax.tree.map(compute.cast, params)
+            elif spec.cast_shards_first is not None:
+                # ZeRO-3 in 16 bits: cast each stored shard where it lies, so the per-layer
+                # all-gathers move 16-bit values (as DeepSpeed's do) rather than fp32 masters.
+                params = _constrain(jax.tree.map(compute.cast, params), spec.cast_shards_first,
+                                    spec.policy.mesh)
             model = nnx.merge(spec.graphdef, params, model_state)
             out = model(batch)
             loss, metrics = out if isinstance(out, tuple) else (out, {})
