@@ -155,9 +155,11 @@ def user_residuals(remat: str) -> list[str]:
     return [line for line in out.getvalue().splitlines() if not any(i in line for i in inputs)]
 
 
-def test_a_user_modules_loss_keeps_only_matmul_outputs_on_cpu():
-    kept = user_residuals("auto")                     # "minimal" on CPU at ZeRO-1
+def test_a_user_modules_loss_keeps_only_matmul_outputs_under_minimal():
+    kept = user_residuals("minimal")
     assert kept and all("dot_general" in line for line in kept), kept
+    # "auto" leaves a user's module as it is: no measured win (benchmarks/NOTES.md).
+    assert user_residuals("auto") == user_residuals("none")
     # Without remat the element-wise intermediates (GELU's) are kept too.
     plain = user_residuals("none")
     assert len(plain) > len(kept) and any("dot_general" not in line for line in plain)

@@ -155,9 +155,10 @@ def whole_model_policy(remat: Any) -> Callable | None:
     Over the whole model "full" (save nothing) would save no memory: the backward pass
     recomputes the whole forward and keeps all of it while it runs. So "full" and
     "minimal" both keep the matmul outputs only: element-wise intermediates (GELU's,
-    LayerNorm's) are recomputed, which on CPU costs less than writing and re-reading them
-    (benchmarks/NOTES.md). A `RematPolicy` applies as given (names the module tags with
-    `jax.ad_checkpoint.checkpoint_name`)."""
+    LayerNorm's) are recomputed. A `RematPolicy` applies as given (names the module tags
+    with `jax.ad_checkpoint.checkpoint_name`). The engine applies this only when the config
+    asks for a remat mode: for a user's GPT on CPU it measured no faster than none
+    (benchmarks/NOTES.md), so "auto" leaves user modules alone."""
     if isinstance(remat, str):
         return None if remat == "none" else _BASE_POLICIES["minimal"]
     return checkpoint_policy(remat)

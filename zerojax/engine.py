@@ -193,7 +193,9 @@ class Engine:
                                and self.compute_dtype != jnp.float32 else None),
             logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
             opt_state_on_device=opt_on_device, params_on_device=params_on_device,
-            whole_model_remat=(None if self._casts_per_layer
+            # Asked for only: "auto" leaves a user's module alone (no measured win on CPU,
+            # benchmarks/NOTES.md); an explicit mode or policy wraps its whole loss.
+            whole_model_remat=(None if self._casts_per_layer or config.zerojax.remat == "auto"
                                else compute.whole_model_policy(remat)),
             stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
             and optimizer is None and config.optimizer is not None
