@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from zerojax.config import Config, ConfigError
+from zerojax.config import Config, ConfigError, read_json
 
 FAST_TRIALS = 3
 _GRID_ORDER = ("none", "optimizer", "optimizer+params")
@@ -88,17 +88,7 @@ def _raw_config(config: Any) -> dict:
         return copy.deepcopy(config.raw) if config.raw else config.to_dict()
     if isinstance(config, Mapping):
         return copy.deepcopy(dict(config))
-    path = Path(config)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file '{path}' is not valid JSON: {e.msg} at line {e.lineno} "
-                          f"column {e.colno}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(Path(config))
 
 
 def load(config: Any, overrides: Mapping[str, Any] | None = None) -> tuple[tuple[int, ...], Config]:

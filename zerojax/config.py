@@ -864,7 +864,7 @@ class Config:
         if isinstance(source, Config):
             return source
         if isinstance(source, (str, Path)):
-            return cls._from_dict(_read_json(Path(source)))
+            return cls._from_dict(read_json(Path(source)))
         if isinstance(source, Mapping):
             return cls._from_dict(source)
         raise ConfigError(f"config: expected a dict, a path to a JSON file or a Config, "
@@ -1012,7 +1012,8 @@ class Config:
 # helpers
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A config file's JSON object; a missing, unreadable or malformed file is a ConfigError."""
     try:
         text = path.read_text()
     except FileNotFoundError:
