@@ -99,7 +99,7 @@ def part_a(steps: int) -> None:
     print(f"(a) Llama hidden {hidden}, {layers} layers, fp32 AdamW, {ROWS}x{SEQ} tokens/step, 1 device; "
           f"median of {steps - 1} steps after the first")
     print(f"{'mode':>11} {'params':>8} {'step ms':>8} {'vs none':>7} {'peak RSS MiB':>12} "
-          f"{'device MiB':>10} {'host MiB':>9}")
+          f"{'device MiB':>10} {'host MiB':>9} {'NVMe MiB':>9}")
     base = None
     for mode in ("none", "cpu", "cpu+params", "nvme"):
         r = spawn(mode, hidden, layers, steps)
@@ -109,11 +109,11 @@ def part_a(steps: int) -> None:
         rep = r["report"]
         print(f"{mode:>11} {r['params'] / 1e6:>7.1f}M {r['step_s'] * 1e3:>8.0f} "
               f"{r['step_s'] / base['step_s']:>6.2f}x {r['peak_rss'] / MiB:>12,.0f} "
-              f"{rep['total'] / MiB:>10,.0f} {rep['host'] / MiB:>9,.0f}")
+              f"{rep['total'] / MiB:>10,.0f} {rep['host'] / MiB:>9,.0f} {rep.get('nvme', 0) / MiB:>9,.0f}")
 
 
 def part_b(cap: int) -> None:
-    widths = (512, 768, 1024, 1536, 2048, 2560, 3072)
+    widths = (768, 1024, 1280, 1536, 1792, 2048)
     layers = 8
     print(f"\n(b) largest Llama ({layers} layers, width sweep) whose peak RSS stays under "
           f"{cap / GiB:.1f} GiB, 2 steps each")
