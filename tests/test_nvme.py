@@ -42,7 +42,10 @@ def batches():
     return token_batches(STEPS, ROWS)
 
 
-@pytest.fixture(scope="module", params=[(1, 1, True), (3, 2, False)], ids=["stage1", "stage3-gas2-unpipelined"])
+STAGE1, STAGE3 = (1, 1, True), (3, 2, False)        # (stage, gas, pipelined I/O)
+
+
+@pytest.fixture(scope="module", params=[STAGE1, STAGE3], ids=["stage1", "stage3-gas2-unpipelined"])
 def runs(request, batches, tmp_path_factory):
     """(stage, gas, nvme_path, plain engine, nvme engine, plain losses, nvme losses) after STEPS steps."""
     stage, gas, pipelined = request.param
@@ -89,10 +92,9 @@ def test_state_lives_in_files_not_in_the_engine(runs):
     assert b["params"] == a["params"] and "nvme" not in a
 
 
+@pytest.mark.parametrize("runs", [STAGE3], indirect=True, ids=["stage3"])   # it shards everything
 def test_checkpoints_move_between_nvme_and_plain(runs, batches, tmp_path):
     stage, gas, nvme_path, plain, offloaded, _, _ = runs
-    if stage != 3:
-        pytest.skip("one layout is enough: stage 3 shards everything")
     offloaded.save_checkpoint(str(tmp_path), "nvme")
     plain.save_checkpoint(str(tmp_path), "plain")
     restored = {}
@@ -169,10 +171,9 @@ def _worker(*args) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("runs", [STAGE1], indirect=True, ids=["stage1"])   # pipelined: killed in an I/O thread
 def test_kill_mid_step_leaves_checkpoint_and_files_consistent(runs, tmp_path):
     stage, gas, _, _, offloaded, _, nvme_losses = runs
-    if stage != 1:
-        pytest.skip("the crash replays the stage-1 run (pipelined writes: killed in an I/O thread)")
     nvme_path, ckpt = tmp_path / "nvme", tmp_path / "ckpt"
     proc = _worker("crash", nvme_path, ckpt)
     out, err = proc.communicate(timeout=240)
