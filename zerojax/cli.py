@@ -204,13 +204,20 @@ def _simulate_cpu_devices(n: int) -> None:
                                    + f" --xla_force_host_platform_device_count={n}").strip()
 
 
+def _memory_limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """--device-memory and --host-memory in bytes (None where not given)."""
+    from zerojax.plan import parse_bytes
+    device = parse_bytes(args.device_memory) if args.device_memory is not None else None
+    host = parse_bytes(args.host_memory, "--host-memory") if args.host_memory is not None else None
+    return device, host
+
+
 def _plan(args: argparse.Namespace) -> int:
     """Every ZeRO stage x micro-batch x remat x offload candidate, compiled on --devices simulated CPU devices."""
     n = _device_count(args.devices)
-    from zerojax.plan import accelerator_named, format_plan, parse_bytes, plan
+    from zerojax.plan import accelerator_named, format_plan, plan
     accelerator_named(args.accelerator)                 # bad flags fail before any compile
-    device_memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
-    host_memory = parse_bytes(args.host_memory, "--host-memory") if args.host_memory is not None else None
+    device_memory, host_memory = _memory_limits(args)
     config = _load_config(args.config, args.set)
     _simulate_cpu_devices(n)
     result = plan(config, n, device_memory, host_memory=host_memory, accelerator=args.accelerator,
@@ -225,11 +232,10 @@ def _autotune(args: argparse.Namespace) -> int:
         _simulate_cpu_devices(_device_count(args.devices))
     else:
         _cpu_devices_default()
-    from zerojax.plan import accelerator_named, parse_bytes
+    from zerojax.plan import accelerator_named
     if args.accelerator is not None:
         accelerator_named(args.accelerator)
-    device_memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
-    host_memory = parse_bytes(args.host_memory, "--host-memory") if args.host_memory is not None else None
+    device_memory, host_memory = _memory_limits(args)
     from zerojax import autotune
     autotune.load(args.config, _parse_set(args.set))     # a bad config fails before anything compiles
     result = autotune.autotune(args.config, None if args.devices is None else int(args.devices),

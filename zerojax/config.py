@@ -598,12 +598,17 @@ _OFFLOAD_OPTIMIZER = {"device": (_choice("none", "cpu", "nvme"), "none"),
                       "fast_init": (_bool, False)}
 
 
+def _device_lowered(raw: Any) -> Any:
+    """An offload section with its device name in lower case: DeepSpeed accepts "CPU"."""
+    if isinstance(raw, Mapping) and isinstance(raw.get("device"), str):
+        return {**raw, "device": raw["device"].lower()}
+    return raw
+
+
 def _parse_offload_optimizer(raw: Any, path: str) -> OffloadOptimizerConfig:
     if raw is None:
         return OffloadOptimizerConfig()
-    if isinstance(raw, Mapping) and isinstance(raw.get("device"), str):
-        raw = {**raw, "device": raw["device"].lower()}      # DeepSpeed accepts "CPU"
-    sec = _section(raw, path, _OFFLOAD_OPTIMIZER, noop=_OFFLOAD_OPTIMIZER_NOOP)
+    sec = _section(_device_lowered(raw), path, _OFFLOAD_OPTIMIZER, noop=_OFFLOAD_OPTIMIZER_NOOP)
     if sec["device"] == "nvme":
         if not sec["nvme_path"]:
             raise ConfigError(f"{path}.nvme_path: required with device \"nvme\"; set it to a directory "
@@ -630,9 +635,7 @@ _OFFLOAD_PARAM = {"device": (_choice("none", "cpu", "nvme"), "none"), "pin_memor
 def _parse_offload_param(raw: Any, path: str) -> OffloadParamConfig:
     if raw is None:
         return OffloadParamConfig()
-    if isinstance(raw, Mapping) and isinstance(raw.get("device"), str):
-        raw = {**raw, "device": raw["device"].lower()}
-    sec = _section(raw, path, _OFFLOAD_PARAM, noop=_OFFLOAD_PARAM_NOOP)
+    sec = _section(_device_lowered(raw), path, _OFFLOAD_PARAM, noop=_OFFLOAD_PARAM_NOOP)
     if sec["device"] == "nvme":
         raise ConfigError(
             f"{path}.device: \"nvme\" (params on NVMe) is not supported: params are read every "

@@ -138,18 +138,12 @@ class Engine:
 
         loss_scale = precision.init_loss_scale(config)
         replicated = lambda tree: jax.tree.map(lambda x: _replicated(self.mesh, x), tree)
-        opt_shardings = self.layout.shardings(opt_specs)
         self.offload_memory_kind = offload.optimizer_memory_kind(config, self.mesh)
-        opt_on_device = None
-        if self.offload_memory_kind is not None:
-            opt_on_device = offload.with_memory_kind(opt_shardings, offload.DEVICE)
-            opt_shardings = offload.with_memory_kind(opt_shardings, self.offload_memory_kind)
-        param_shardings = self.layout.shardings(self.layout.params)
+        opt_shardings, opt_on_device = offload.place(self.layout.shardings(opt_specs),
+                                                     self.offload_memory_kind)
         self.param_memory_kind = offload.param_memory_kind(config, self.mesh, self.compute_dtype)
-        params_on_device = None
-        if self.param_memory_kind is not None:
-            params_on_device = offload.with_memory_kind(param_shardings, offload.DEVICE)
-            param_shardings = offload.with_memory_kind(param_shardings, self.param_memory_kind)
+        param_shardings, params_on_device = offload.place(self.layout.shardings(self.layout.params),
+                                                          self.param_memory_kind)
         self.nvme: nvme.NvmeOptimizer | None = None
         if nvme.enabled(config):
             # ZeRO-Infinity: the state lives in files; the state keeps the optimizer's scalars.

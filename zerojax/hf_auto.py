@@ -32,9 +32,10 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
-from zerojax.config import ConfigError
+from zerojax.config import ConfigError, read_json
 
 AUTO = "auto"
 
@@ -158,15 +159,7 @@ def run_config(ds_config: str, model_dir: str, args: TrainerArguments, *, data: 
     --deepspeed`: "pairs" fine-tune a decoder on the responses (SFT), "seq2seq" an encoder-decoder."""
     from zerojax import hf
 
-    try:
-        with open(ds_config, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--deepspeed {ds_config}: no such file") from None
-    except ValueError as e:
-        raise ConfigError(f"--deepspeed {ds_config}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--deepspeed {ds_config}: expected a JSON object")
+    raw = read_json(Path(ds_config))
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ConfigError(f"--model {model_dir}: not a Hugging Face model directory (no config.json)")
     section = hf.model_section(model_dir)

@@ -94,7 +94,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import checkpoint, host_memory, precision
+from zerojax import checkpoint, host_memory, offload, precision
 from zerojax.config import Config, ConfigError
 from zerojax.step import StepSpec, TrainState, accumulate_gradients, advance, params_for_step, unscale_and_clip
 
@@ -281,7 +281,8 @@ class NvmeOptimizer:
         if mesh.shape.get("pipe", 1) > 1:
             raise ConfigError(f'{_SECTION}.device "nvme" is not supported with pipeline parallelism '
                               f"(pipeline.stages {mesh.shape['pipe']}); use device \"cpu\" or no pipeline")
-        if optimizer is None and config.optimizer is not None and config.optimizer.type == "lamb":
+        if (optimizer is None and config.optimizer is not None
+                and config.optimizer.type not in offload.ELEMENTWISE_OPTIMIZERS):
             raise ConfigError(f'{_SECTION}.device "nvme" updates the state sub-group by sub-group, '
                               f"which needs an elementwise optimizer; Lamb's per-tensor trust ratio "
                               f"is not. Use Adam/AdamW/SGD/Lion/Adagrad, or device \"cpu\"")

@@ -77,6 +77,15 @@ def with_memory_kind(shardings: Any, kind: str) -> Any:
                         is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
+def place(shardings: Any, kind: str | None) -> tuple[Any, Any]:
+    """(the shardings the state is stored with, the device shardings the step moves it to):
+    `shardings` in host memory `kind` and in device memory, or unchanged and None when
+    `kind` is None (nothing offloaded)."""
+    if kind is None:
+        return shardings, None
+    return with_memory_kind(shardings, kind), with_memory_kind(shardings, DEVICE)
+
+
 # ---- the streamed update -------------------------------------------------------------
 # Optimizers whose update is element-wise: any slicing of params, grads and state gives
 # the slices of the whole update, so it can run one layer at a time. (LAMB's per-tensor

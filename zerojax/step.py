@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import compute, precision
+from zerojax import compute, offload, precision
 from zerojax.precision import LossScaleState
 
 
@@ -158,7 +158,6 @@ def apply_optimizer(spec: StepSpec, grads: Any, opt_state: Any, params: Any, dev
     forward used. Offloaded state is streamed layer by layer when the optimizer allows
     (`stream_offloaded_update`), else moved to the device whole for the update."""
     if spec.stream_offloaded_update:
-        from zerojax import offload
         return offload.streamed_update(
             spec.tx, grads, opt_state, params, logical=spec.logical, overflow=overflow,
             state_on_host=spec.opt_state_on_device is not None,
@@ -194,14 +193,18 @@ def advance(spec: StepSpec, state: TrainState, grad_norm: jax.Array, overflow: j
     return step, precision.update_loss_scale(state.loss_scale, overflow, spec.config), metrics
 
 
-def apply_accumulated(spec: StepSpec, state: TrainState, grads: Any) -> tuple[TrainState, dict]:
+def apply_accumulated(spec: StepSpec, state: TrainState, grads: Any,
+                      device_params: Any = None) -> tuple[TrainState, dict]:
     """The optimizer step from the summed, loss-scaled grads of `spec.micro_batches` micro-batches:
     `unscale_and_clip`, update (the old values kept on an fp16 overflow), `advance`.
-    `state.params` are the stored ones (maybe on the host). Returns the new state
-    (model_state untouched) and the step's metrics."""
+    `state.params` are the stored ones (maybe on the host); `device_params` their device
+    copies when the caller has them already. Returns the new state (model_state
+    untouched) and the step's metrics."""
+    if device_params is None:
+        device_params = params_for_step(spec, state.params)
     grads, grad_norm, overflow = unscale_and_clip(spec, state, grads)
     new_params, new_opt_state = apply_optimizer(spec, grads, state.opt_state, state.params,
-                                                params_for_step(spec, state.params), overflow)
+                                                device_params, overflow)
     step, loss_scale, metrics = advance(spec, state, grad_norm, overflow)
     return state._replace(params=new_params, opt_state=new_opt_state, step=step,
                           loss_scale=loss_scale), metrics
@@ -210,7 +213,7 @@ def apply_accumulated(spec: StepSpec, state: TrainState, grads: Any) -> tuple[Tr
 def train_step(spec: StepSpec, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
     on_device = state._replace(params=params_for_step(spec, state.params))
     grads, loss, model_metrics, model_state = accumulate_gradients(spec, on_device, batch)
-    new_state, metrics = apply_accumulated(spec, state, grads)
+    new_state, metrics = apply_accumulated(spec, state, grads, on_device.params)
     metrics = {"loss": loss, **metrics,
                **{k: jnp.asarray(v, jnp.float32) for k, v in model_metrics.items()}}
     return new_state._replace(model_state=model_state), metrics

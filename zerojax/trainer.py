@@ -260,8 +260,7 @@ def _seq2seq_examples(data_section, init_from: str | None, seq_len: int) -> list
     if not isinstance(path, str) or not path.endswith((".jsonl", ".json")):
         raise ConfigError(f'zerojax.data.corpus: an encoder-decoder model (t5) trains on '
                           f'{{"source", "target"}} JSONL; got {path!r} (set it to a .jsonl file)')
-    tokenizer = (tok.for_directory(init_from) if init_from and os.path.isdir(init_from) else None) \
-        or tok.ByteTokenizer()
+    tokenizer = tok.for_directory_or_bytes(init_from if init_from and os.path.isdir(init_from) else None)
     return read_examples(path, tokenizer, max_source_len=seq_len, max_target_len=seq_len)
 
 

@@ -114,3 +114,9 @@ def _token_text(value) -> str | None:
 def for_directory(directory: str):
     """The HF tokenizer of a directory that has `tokenizer.json`, else None."""
     return HFTokenizer(directory) if os.path.exists(os.path.join(directory, "tokenizer.json")) else None
+
+
+def for_directory_or_bytes(directory: str | None):
+    """What a training run tokenises its text with: the HF tokenizer of `directory` (a model
+    directory) when it has one, else the byte tokenizer."""
+    return (for_directory(directory) if directory else None) or ByteTokenizer()

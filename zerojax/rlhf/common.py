@@ -39,7 +39,7 @@ def prepare(config: Any, algorithm: str) -> Run:
     model_fn, section = model_fn_from_config(config)
     init_from = section.get("init_from")
     hf_dir = init_from if init_from and os.path.isfile(os.path.join(init_from, "config.json")) else None
-    tokenizer = (tok.for_directory(hf_dir) if hf_dir else None) or tok.ByteTokenizer()
+    tokenizer = tok.for_directory_or_bytes(hf_dir)
     max_positions = section.get("max_position_embeddings")
     context, what = ((found["max_len"], f"max_len {found['max_len']}") if "max_len" in found else
                      (found["max_prompt_len"] + found["max_new_tokens"],
