@@ -35,7 +35,8 @@ def _launch(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be an integer >= 1, got {raw!r}") from None
 
     return launch(args.launch_command, nproc=count("--nproc", args.nproc),
-                  devices_per_process=count("--devices-per-process", args.devices_per_process))
+                  devices_per_process=count("--devices-per-process", args.devices_per_process),
+                  bind_cores=args.bind_cores)
 
 
 def _cpu_devices_default() -> None:
@@ -365,10 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = commands.add_parser(
         "launch", help="run COMMAND as N local processes of one jax.distributed job",
-        usage="zerojax launch --nproc N [--devices-per-process K] -- COMMAND...")
+        usage="zerojax launch --nproc N [--devices-per-process K] [--bind-cores auto|on|off] -- COMMAND...")
     launch.add_argument("--nproc", metavar="N", help="number of processes")
     launch.add_argument("--devices-per-process", metavar="K", default="1",
                         help="CPU devices each process exposes (default 1)")
+    launch.add_argument("--bind-cores", choices=["auto", "on", "off"], default="auto",
+                        help="give each process its own share of this host's cores (DeepSpeed's "
+                             "--bind_cores_to_rank); auto: when the processes compute on the CPU")
     launch.add_argument("launch_command", nargs=argparse.REMAINDER, metavar="COMMAND",
                         help="the program each process runs, after --")
     launch.set_defaults(run=_launch)

@@ -34,6 +34,9 @@ class ComputePolicy:
     remat: Any = "none"                            # "full" | "minimal" | "none" | config.RematPolicy
     kernels: str = "xla"                           # "xla" | "pallas"
     sequence_parallel: str = "ulysses"             # attention over a sharded length: "ulysses" | "ring"
+    # Inside a bucketed step (zerojax.buckets) each device runs on its own rows: the mesh
+    # axis they are split over, so a batch mean can sum over it; None elsewhere.
+    rows_axis: str | None = None
 
     def spec(self, logical_axes: LogicalAxes) -> PartitionSpec:
         """PartitionSpec for logical axis names through the rules table (unknown name: error)."""
@@ -72,6 +75,16 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     if policy.mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(policy.mesh, policy.spec(logical_axes)))
+
+
+def batch_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+    """`total / max(count, 1)` over the whole batch: a loss's sum over its counted items and
+    their number. Inside a bucketed step the device's own sums are added over the devices
+    first, so every device holds the one-device loss (not the mean of its rows' losses)."""
+    axis = current().rows_axis
+    if axis is not None:        # one all-reduce for both numbers
+        total, count = jax.lax.psum(jnp.stack([total, jnp.asarray(count, total.dtype)]), axis)
+    return total / jnp.maximum(count, 1.0)
 
 
 def cast(x: jax.Array) -> jax.Array:

@@ -17,6 +17,8 @@ Schema (defaults in parentheses; DeepSpeed's docs describe the DeepSpeed keys)::
     bf16 {enabled false}                     (old name "bfloat16" accepted)
     gradient_clipping (1.0, DeepSpeed's code default; 0 disables)
     zero_optimization {stage 0, stage3_param_persistence_threshold 100000, sub_group_size 1e9,
+                       reduce_bucket_size 5e8, allgather_bucket_size 5e8, stage3_prefetch_bucket_size 5e7,
+                       stage3_max_live_parameters 1e9 (the bucketed collectives' sizes),
                        offload_optimizer {device none|cpu|nvme, pin_memory false, ratio 1,
                                           nvme_path (required with nvme), buffer_count 4,
                                           pipeline_read false, pipeline_write false, fast_init false},
@@ -31,7 +33,8 @@ Schema (defaults in parentheses; DeepSpeed's docs describe the DeepSpeed keys)::
                 start_profile_step 3, end_profile_step 5, tuner_type gridsearch|random|model_based,
                 tuner_num_trials 50, tuner_early_stopping 5, ...}: read by `zerojax autotune`
     zerojax {mesh {data -1, sequence 1, tensor 1, pipe 1, replica 1},
-             kernels "auto"|"xla"|"pallas", remat "auto"|"full"|"minimal"|"none" ("auto": full
+             kernels "auto"|"xla"|"pallas", collectives "auto"|"xla"|"bucketed" ("auto":
+             bucketed for multi-process CPU runs on a data-only mesh), remat "auto"|"full"|"minimal"|"none" ("auto": full
              under ZeRO-3 or with an activation_checkpointing section, else none),
              weight_decay_mask "all"|"no_bias_norm", sequence_parallel {strategy "ulysses"|"ring"},
              model {}, data {}, train {} (free-form), compilation_cache (None), seed 0}
@@ -130,6 +133,10 @@ class ZeroConfig:
     stage: int = 0
     stage3_param_persistence_threshold: int = 100_000
     sub_group_size: int = 1_000_000_000    # elements per NVMe optimizer update (DeepSpeed's 1e9)
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
     offload_optimizer: OffloadOptimizerConfig = OffloadOptimizerConfig()
     offload_param: OffloadParamConfig = OffloadParamConfig()
 
@@ -197,6 +204,7 @@ class RematPolicy:
 class ZeroJaxConfig:
     mesh: MeshConfig = MeshConfig()
     kernels: str = "auto"
+    collectives: str = "auto"
     remat: str | RematPolicy = "auto"
     weight_decay_mask: str = "all"
     sequence_parallel: SequenceParallelConfig = SequenceParallelConfig()
@@ -570,13 +578,28 @@ _BF16 = {"enabled": (_bool, False)}
 _BF16_NOOP = {"immediate_grad_update", "check_grad_overflow"}
 _BF16_UNSUPPORTED = {"bf16_master_weights_and_grads": _is_active, "bf16_optimizer_states": _is_active}
 
+def _bucket_elements(default: int) -> Parser:
+    """A bucket size in elements; HF Trainer's "auto" (which it fills from the model) reads as
+    DeepSpeed's default, since zerojax's buckets need no hidden-size rule of thumb."""
+    def parse(value, path):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return default
+        return _int(1)(value, path)
+    return parse
+
+
 _ZERO = {"stage": (_int(0, 3), 0), "stage3_param_persistence_threshold": (_int(0), 100_000),
-         "sub_group_size": (_int(1), 1_000_000_000)}
+         "sub_group_size": (_int(1), 1_000_000_000),
+         # Flat-bucket collectives (zerojax.buckets): elements per gradient bucket, per
+         # ZeRO-3 gather bucket, and the most gathered params a bucketed step may hold.
+         "reduce_bucket_size": (_bucket_elements(500_000_000), 500_000_000),
+         "allgather_bucket_size": (_bucket_elements(500_000_000), 500_000_000),
+         "stage3_prefetch_bucket_size": (_bucket_elements(50_000_000), 50_000_000),
+         "stage3_max_live_parameters": (_bucket_elements(1_000_000_000), 1_000_000_000)}
 # Communication scheduling and bucketing that XLA does by itself.
 _ZERO_NOOP = {
-    "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
-    "reduce_scatter", "allgather_partitions", "stage3_prefetch_bucket_size",
-    "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "overlap_comm", "contiguous_gradients",
+    "reduce_scatter", "allgather_partitions", "stage3_max_reuse_distance",
     "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
     "round_robin_gradients", "use_multi_rank_bucket_allreduce",
     "compute_grad_norm", "load_from_fp32_weights", "elastic_checkpoint", "ignore_unused_parameters",
@@ -677,6 +700,7 @@ _MESH = {"data": (_int(-1), -1), "sequence": (_int(1), 1), "tensor": (_int(1), 1
 _ZEROJAX = {
     "mesh": (lambda v, p: v, None), "sequence_parallel": (lambda v, p: v, None),  # parsed below
     "kernels": (_choice("auto", "xla", "pallas"), "auto"),
+    "collectives": (_choice("auto", "xla", "bucketed"), "auto"),
     "remat": (lambda v, p: v, "auto"),      # parsed below: a mode or a per-tensor policy
     "weight_decay_mask": (_choice("all", "no_bias_norm"), "all"),
     "model": (_free_dict, {}), "data": (_free_dict, {}), "train": (_free_dict, {}),

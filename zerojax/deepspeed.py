@@ -90,7 +90,7 @@ class DeepSpeedEngine(Engine):
         self.device = self.mesh.local_devices[0] if hasattr(self.mesh, "local_devices") else jax.local_devices()[0]
 
         one_micro = dataclasses.replace(self.step_spec, micro_batches=1)
-        grad_shardings = self.layout.shardings(self.layout.grads)
+        grad_shardings = self.layout.shardings(self.step_spec.grad_specs)
         scalar = NamedSharding(self.mesh, PartitionSpec())
         self._forward_backward = jax.jit(
             functools.partial(_forward_backward, one_micro),

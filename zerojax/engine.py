@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import checkpoint, compute, host_memory, kernels, nvme, offload, optim, partition, precision
+from zerojax import buckets, checkpoint, compute, host_memory, kernels, nvme, offload, optim, partition, precision
 from zerojax.config import BatchSizes, Config, ConfigError, RematPolicy
 from zerojax.errors import CheckpointError
 from zerojax.mesh import BATCH_AXES, build_mesh, data_parallel_size
@@ -59,10 +59,13 @@ def use_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def resolve_remat(remat: Any, stage: int, checkpointing: Any, platform: str) -> Any:
+def resolve_remat(remat: Any, stage: int, checkpointing: Any, platform: str, *,
+                  gathers_per_layer: bool | None = None) -> Any:
     """The remat setting the layers use: a mode ("full" | "minimal" | "none") or a RematPolicy.
 
-    "auto": ZeRO-3 must not keep gathered params for the backward pass: "full". A DeepSpeed
+    "auto": ZeRO-3 must not keep gathered params for the backward pass: "full" (unless
+    `gathers_per_layer` is False: a bucketed step gathers them for the whole step, so
+    recomputing would save nothing). A DeepSpeed
     `activation_checkpointing` section asks for it too. On CPU, saving every intermediate
     costs more memory traffic than recomputing the element-wise work, so "minimal" (keep
     only matmul outputs) is both faster and smaller there (benchmarks/NOTES.md); on
@@ -71,8 +74,10 @@ def resolve_remat(remat: Any, stage: int, checkpointing: Any, platform: str) -> 
     Its `cpu_checkpointing` (DeepSpeed: keep the checkpointed layer inputs in CPU memory)
     offloads each layer's input to pinned host memory, unless the remat policy names it.
     """
+    if gathers_per_layer is None:
+        gathers_per_layer = stage >= 3
     if remat == "auto":
-        if stage >= 3 or checkpointing is not None:
+        if gathers_per_layer or checkpointing is not None:
             remat = "full"
         else:
             remat = "minimal" if platform == "cpu" else "none"
@@ -170,9 +175,15 @@ class Engine:
         else:
             self.state: TrainState = self._create_state(model, model_fn, seed, loss_scale)
 
+        pipeline_schedule = self._pipeline_schedule(abstract_model)
+        other_step = ("NVMe offload" if self.nvme is not None else
+                      "offload" if opt_on_device is not None or params_on_device is not None else
+                      "pipeline stages" if pipeline_schedule is not None else None)
+        self.bucket_plan = buckets.select(config, self.layout, abstract_params, other_step=other_step)
         checkpointing = config.activation_checkpointing if "activation_checkpointing" in config.raw else None
         remat = resolve_remat(config.zerojax.remat, stage, checkpointing,
-                              self.mesh.devices.flat[0].platform)
+                              self.mesh.devices.flat[0].platform,
+                              gathers_per_layer=stage >= 3 and self.bucket_plan is None)
         self.policy = compute.ComputePolicy(
             dtype=self.compute_dtype, mesh=self.mesh, rules=self.rules,
             sequence_parallel=config.zerojax.sequence_parallel.strategy,
@@ -185,7 +196,7 @@ class Engine:
             cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32,
             cast_shards_first=(self.layout.params if self._casts_per_layer and stage >= 3
                                and self.compute_dtype != jnp.float32 else None),
-            logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
+            logical=logical, pipeline_schedule=pipeline_schedule,
             opt_state_on_device=opt_on_device, params_on_device=params_on_device,
             # Asked for only: "auto" leaves a user's module alone (no measured win on CPU,
             # benchmarks/NOTES.md); an explicit mode or policy wraps its whole loss.
@@ -194,6 +205,10 @@ class Engine:
             stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
             and optimizer is None and config.optimizer is not None
             and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS)
+        if self.bucket_plan is not None:
+            # Bucketed: stage 1 too reduce-scatters its gradients (its update needs only the shard).
+            self.step_spec = dataclasses.replace(self.step_spec, bucket_plan=self.bucket_plan,
+                                                 grad_specs=self.bucket_plan.grad_specs(abstract_params))
         metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),

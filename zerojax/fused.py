@@ -89,4 +89,4 @@ def next_token_loss(x_BLD, head, targets_BL, *, head_is_VD: bool):
             return jax.lax.psum(total, axes), jax.lax.psum(count, axes)
 
         total, count = _per_shard(summed, (x_spec, P(), t_spec), (P(), P()))(x_BLD, head, targets_BL)
-    return total / jnp.maximum(count, 1.0)
+    return compute.batch_mean(total, count)

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import compute, offload, precision
+from zerojax import buckets, compute, offload, precision
 from zerojax.precision import LossScaleState
 
 
@@ -59,9 +59,16 @@ class StepSpec:
     # A checkpoint policy over the whole loss, for modules that do not remat per layer
     # themselves (a user's module); None: none.
     whole_model_remat: Any = None
+    # Flat-bucket collectives (zerojax.buckets): the step's forward and backward passes run
+    # per device inside a shard_map, params and gradients moving one bucket at a time;
+    # None: XLA places the collectives. `inside_buckets`: this spec is the per-device one.
+    bucket_plan: Any = None
+    inside_buckets: bool = False
 
 
 def _constrain(tree: Any, specs: Any, mesh) -> Any:
+    if mesh is None:        # per device, inside a bucketed step
+        return tree
     return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s)),
                         tree, specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
 
@@ -70,7 +77,13 @@ def model_loss(spec: StepSpec, params: Any, model_state: Any, batch: Any):
     """Run the module on one batch under the compute policy; returns (loss_f32, (metrics, new_model_state))."""
     def run(params, model_state, batch):
         with compute.use(spec.policy):
-            if spec.cast_params_whole:
+            if spec.inside_buckets:
+                # Cast the shards before the gather: 16-bit buckets move half the bytes, and
+                # the gradients are reduced in 16 bits as the unbucketed step (and DeepSpeed) does.
+                if spec.cast_params_whole or spec.cast_shards_first is not None:
+                    params = jax.tree.map(compute.cast, params)
+                params = buckets.gather(spec.bucket_plan, params)
+            elif spec.cast_params_whole:
                 params = jax.tree.map(compute.cast, params)
             elif spec.cast_shards_first is not None:
                 # ZeRO-3 in 16 bits: cast each stored shard where it lies, so the per-layer
@@ -103,6 +116,8 @@ def split_micro_batches(batch: Any, micro_batches: int) -> Any:
 
 def accumulate_gradients(spec: StepSpec, state: TrainState, batch: Any):
     """Mean loss and summed scaled gradients over the micro-batches, in one scan."""
+    if spec.bucket_plan is not None and not spec.inside_buckets:
+        return bucketed_gradients(spec, state, batch)
     scale = state.loss_scale.scale
 
     def scaled_loss(params, model_state, micro_batch):
@@ -143,6 +158,56 @@ def accumulate_gradients(spec: StepSpec, state: TrainState, batch: Any):
     return grads, jnp.mean(losses), jax.tree.map(jnp.mean, metrics), model_state
 
 
+def bucketed_gradients(spec: StepSpec, state: TrainState, batch: Any):
+    """`accumulate_gradients` with flat-bucket collectives: each device runs the micro-batch
+    loop on its own rows inside a shard_map over the data axis (see zerojax.buckets)."""
+    plan, mesh = spec.bucket_plan, spec.policy.mesh
+    axis = buckets.AXIS
+    local = dataclasses.replace(
+        spec, inside_buckets=True, grad_specs=None,
+        policy=dataclasses.replace(spec.policy, mesh=None, gather_params=False, rows_axis=axis))
+    params_in = [buckets.spec_of(d, x.ndim) for d, x in zip(plan.stored_dims, jax.tree.leaves(state.params))]
+    params_in = jax.tree.unflatten(jax.tree.structure(state.params), params_in)
+
+    def per_device(params, model_state, scale, batch):
+        # A whole (replicated) param meeting per-device rows would get its gradient
+        # all-reduced by autodiff, one collective per leaf: mark them per-device first and
+        # reduce their gradients in buckets below.
+        leaves, treedef = jax.tree.flatten(params)
+        leaves = [x if d is not None else jax.lax.pcast(x, axis, to="varying") for x, d in zip(leaves, plan.stored_dims)]
+        mine = TrainState(params=jax.tree.unflatten(treedef, leaves), opt_state=None, step=None,
+                          loss_scale=LossScaleState(scale=scale, since_overflow=None, hysteresis=None),
+                          model_state=model_state)
+        grads, loss, metrics, model_state = accumulate_gradients(local, mine, batch)
+        grads = buckets.reduce_whole_leaves(plan, grads)
+        if _varies(loss, axis):
+            # The loss is this device's rows' own (a user's module): average as DDP does.
+            loss = jax.lax.pmean(loss, axis)
+            grads = jax.tree.map(lambda g: g / plan.devices, grads)
+        metrics = jax.tree.map(lambda m: _to_invariant(m, axis), metrics)
+        model_state = jax.tree.map(lambda m: _to_invariant(m, axis), model_state)
+        return grads, loss, metrics, model_state
+
+    # (A bare PartitionSpec() stands for every leaf of its subtree: the model state and metrics.)
+    return jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(params_in, PartitionSpec(), PartitionSpec(), PartitionSpec(axis)),
+        out_specs=(spec.grad_specs, PartitionSpec(), PartitionSpec(), PartitionSpec()),
+    )(state.params, state.model_state, state.loss_scale.scale, batch)
+
+
+def _varies(x: jax.Array, axis: str) -> bool:
+    """Whether a value inside the shard_map may differ between the devices of `axis`."""
+    return axis in jax.typeof(x).manual_axis_type.varying
+
+
+def _to_invariant(x: jax.Array, axis: str) -> jax.Array:
+    """A per-device value made the same on every device: floats averaged, integers the max."""
+    if not _varies(x, axis):
+        return x
+    return jax.lax.pmean(x, axis) if jnp.issubdtype(x.dtype, jnp.inexact) else jax.lax.pmax(x, axis)
+
+
 def params_for_step(spec: StepSpec, params: Any) -> Any:
     """The params in device memory (a no-op unless they are offloaded to the host)."""
     if spec.params_on_device is None:
@@ -164,10 +229,17 @@ def apply_optimizer(spec: StepSpec, grads: Any, opt_state: Any, params: Any, dev
             params_on_host=spec.params_on_device is not None)
     if spec.opt_state_on_device is not None:
         opt_state = jax.device_put(opt_state, spec.opt_state_on_device)
+    if spec.bucket_plan is not None:
+        # Update each param where its gradient and optimizer state lie (a local slice of a
+        # param kept whole), then re-gather those kept whole one bucket at a time.
+        device_params = _constrain(device_params, spec.grad_specs, spec.policy.mesh)
     updates, new_opt_state = spec.tx.update(grads, opt_state, device_params)
     new_params = optax.apply_updates(device_params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(overflow, o, n), new, old)
-    return keep(new_params, device_params), keep(new_opt_state, opt_state)
+    new_params = keep(new_params, device_params)
+    if spec.bucket_plan is not None:
+        new_params = buckets.regather(spec.bucket_plan, spec.policy.mesh, new_params)
+    return new_params, keep(new_opt_state, opt_state)
 
 
 def unscale_and_clip(spec: StepSpec, state: TrainState, grads: Any) -> tuple[Any, jax.Array, jax.Array]:
@@ -175,7 +247,8 @@ def unscale_and_clip(spec: StepSpec, state: TrainState, grads: Any) -> tuple[Any
     `spec.micro_batches` micro-batches: unscaled and averaged (DeepSpeed divides the loss
     by gas), clipped by the global norm as DeepSpeed clips."""
     grads = jax.tree.map(lambda g: g / (state.loss_scale.scale * spec.micro_batches), grads)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = (optax.tree.norm(grads) if spec.bucket_plan is None
+                 else buckets.global_norm(spec.bucket_plan, spec.policy.mesh, grads))
     if spec.gradient_clipping > 0:
         # DeepSpeed: clip_coef = max_norm / (norm + 1e-6), applied only when < 1.
         coef = spec.gradient_clipping / (grad_norm + 1e-6)

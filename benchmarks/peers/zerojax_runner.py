@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--remat", default="auto")
+    ap.add_argument("--collectives", default="auto", choices=["auto", "xla", "bucketed"],
+                    help="zerojax.collectives: XLA's per-array collectives or flat buckets")
     ap.add_argument("--cache", help="persistent compilation cache directory (zerojax.compilation_cache)")
     ap.add_argument("--model", choices=["reference", "user"], default="reference",
                     help="zerojax's reference GPT2, or user_gpt.py's plain Flax GPT (no zerojax calls)")
@@ -49,7 +51,7 @@ def main() -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
                                                   "weight_decay": WEIGHT_DECAY}},
         "zero_optimization": {"stage": args.stage}, "bf16": {"enabled": DTYPE == "bf16"},
-        "zerojax": {"remat": args.remat, "weight_decay_mask": "all", "compilation_cache": args.cache},
+        "zerojax": {"remat": args.remat, "collectives": args.collectives, "weight_decay_mask": "all", "compilation_cache": args.cache},
     }
     engine = zerojax.initialize(model=make_model(os.path.join(args.work, "weights.npz")), config=config)
     data = np.load(os.path.join(args.work, "data.npy"))[: args.steps]

@@ -378,7 +378,7 @@ def next_token_loss(logits_BLV: jax.Array, batch: Mapping[str, Any]) -> jax.Arra
     target_logit_BL = jnp.sum(jnp.where(vocab_ids == targets_BL[..., None], logits_BLV, 0.0), axis=-1)
     nll_BL = jnp.where(mask_BL, log_z_BL - target_logit_BL, 0.0)
     count = jnp.sum(mask_BL.astype(jnp.float32))
-    return jnp.sum(nll_BL) / jnp.maximum(count, 1.0)
+    return compute.batch_mean(jnp.sum(nll_BL), count)
 
 
 # ----------------------------------------------------------------------------- config checks

@@ -277,7 +277,7 @@ def token_loss(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array,
     target_logit_BT = jnp.sum(jnp.where(vocab_ids == targets_BT[..., None], logits_BTV, 0.0), axis=-1)
     count = jnp.sum(mask_BT.astype(jnp.float32))
     nll = jnp.sum(jnp.where(mask_BT, log_z_BT - target_logit_BT, 0.0))
-    return nll / jnp.maximum(count, 1.0), count
+    return compute.batch_mean(nll, count), count
 
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "loss_mask")
