@@ -157,6 +157,15 @@ def plan(layout: Any, abstract_params: Any, *, gather_bucket_size: int, reduce_b
                                               allgather_bucket_size))
 
 
+def keep_whole_params_whole(layout: Any) -> Any:
+    """The ZeRO-3 layout with the ZeRO split taken off the gradients and optimizer state of
+    the params stored whole (those under the persistence threshold)."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    zero = jax.tree.map(lambda stored, compute, z: compute if _split_dim(stored) is None else z,
+                        layout.params, layout.compute, layout.zero, is_leaf=is_spec)
+    return dataclasses.replace(layout, zero=zero, grads=zero)
+
+
 def gathered_elements(plan_: BucketPlan, abstract_params: Any) -> int:
     """Elements a bucketed step gathers (ZeRO-3's params stored split), all live at once."""
     leaves = jax.tree.leaves(abstract_params)

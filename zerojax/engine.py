@@ -124,6 +124,8 @@ class Engine:
             abstract_params, logical, self.mesh, stage,
             persistence_threshold=config.zero_optimization.stage3_param_persistence_threshold,
             rules=self.rules)
+        pipeline_schedule = self._pipeline_schedule(abstract_model)
+        self.bucket_plan = self._bucket_plan(config, abstract_params, pipeline_schedule)
 
         mask = decay_mask(logical, abstract_params, config.zerojax.weight_decay_mask)
         self.tx = optim.build_optimizer(config, optimizer=optimizer, decay_mask=mask)
@@ -174,12 +176,8 @@ class Engine:
                                                             abstract_rest), self.state_shardings)
         else:
             self.state: TrainState = self._create_state(model, model_fn, seed, loss_scale)
+            host_memory.release_freed()     # the init programs' compile: the step's compile peaks next
 
-        pipeline_schedule = self._pipeline_schedule(abstract_model)
-        other_step = ("NVMe offload" if self.nvme is not None else
-                      "offload" if opt_on_device is not None or params_on_device is not None else
-                      "pipeline stages" if pipeline_schedule is not None else None)
-        self.bucket_plan = buckets.select(config, self.layout, abstract_params, other_step=other_step)
         checkpointing = config.activation_checkpointing if "activation_checkpointing" in config.raw else None
         remat = resolve_remat(config.zerojax.remat, stage, checkpointing,
                               self.mesh.devices.flat[0].platform,
@@ -227,6 +225,21 @@ class Engine:
                               if dataclasses.is_dataclass(cfg) else None)
         # A wrapper (e.g. a reward model over a Llama) names what its checkpoint holds itself.
         self.model_section = getattr(abstract_model, "zerojax_model_section", None) or self.model_section
+
+    def _bucket_plan(self, config: Config, abstract_params: Any, pipeline_schedule: str | None):
+        """Flat-bucket collectives for this run (zerojax.buckets), or None. Under ZeRO-3 a
+        bucketed step keeps the gradient and optimizer state of a param stored whole (below
+        `stage3_param_persistence_threshold`: small) whole too, updated on every device:
+        its gradient is all-reduced in a bucket and nothing is gathered after the update."""
+        offloaded = (offload.optimizer_memory_kind(config, self.mesh) is not None
+                     or offload.param_memory_kind(config, self.mesh, self.compute_dtype) is not None)
+        other_step = ("NVMe offload" if nvme.enabled(config) else "offload" if offloaded else
+                      "pipeline stages" if pipeline_schedule is not None else None)
+        plan = buckets.select(config, self.layout, abstract_params, other_step=other_step)
+        if plan is None or self.layout.stage < 3:
+            return plan
+        self.layout = buckets.keep_whole_params_whole(self.layout)
+        return buckets.select(config, self.layout, abstract_params, other_step=None)
 
     def _pipeline_schedule(self, model) -> str | None:
         """The pipeline schedule when the mesh has stages; impossible settings are ConfigErrors."""

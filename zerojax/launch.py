@@ -151,11 +151,17 @@ def launch(command: list[str], nproc: int, devices_per_process: int = 1,
     try:
         try:
             for rank in range(nproc):
-                bind = (None if cores[rank] is None
-                        else (lambda mine=cores[rank]: os.sched_setaffinity(0, mine)))
                 procs.append(subprocess.Popen(
                     command, env=child_env(base, coordinator, nproc, rank, devices_per_process),
-                    process_group=0, preexec_fn=bind))
+                    process_group=0))
+                if cores[rank] is not None:
+                    # Right after exec, before the program starts any thread (its threads
+                    # inherit the mask); no preexec_fn: forking a threaded parent (JAX) and
+                    # running Python in the child can deadlock.
+                    try:
+                        os.sched_setaffinity(procs[-1].pid, cores[rank])
+                    except ProcessLookupError:      # it has exited already
+                        pass
         except OSError as e:
             _stop(procs, grace)
             raise ValueError(f"cannot start {command[0]!r}: {e.strerror or e}") from None

@@ -55,6 +55,12 @@ SYSTEMS = {
     **{f"zerojax{s}-mp": (f"zerojax ZeRO-{s} (2 procs)", 2,
                           (lambda s: lambda a: [*ZJ_LAUNCH, PY, "zerojax_runner.py", "--stage", str(s), *a])(s),
                           {}) for s in range(4)},
+    # The same without flat buckets and core binding: XLA's per-array collectives (the
+    # default before zerojax.buckets), for the side-by-side.
+    "zerojax3-mp-xla": ("zerojax ZeRO-3 (2 procs, XLA collectives)", 2,
+                        lambda a: [*ZJ_LAUNCH[:-1], "--bind-cores", "off", "--", PY, "zerojax_runner.py",
+                                   "--stage", "3", "--collectives", "xla", *a],
+                        {}),
     # A user's own Flax GPT (user_gpt.py: nnx.Linear blocks, no zerojax calls), same weights.
     "zerojax3-user": ("zerojax ZeRO-3, user's Flax GPT (1x2)", 1,
                       lambda a: [PY, "zerojax_runner.py", "--stage", "3", "--model", "user", *a],
