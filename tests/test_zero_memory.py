@@ -61,6 +61,28 @@ def test_stage3_remat_does_not_keep_gathered_params():
     assert temp("full") < temp("none")
 
 
+def test_stage3_minimal_remat_keeps_no_param_shaped_residual():
+    """CPU's "auto" for ZeRO-3 is "minimal": it keeps matmul outputs, and a gathered param is
+    none, so the backward pass gathers it again rather than keeping it (no residual has a
+    stacked param's shape)."""
+    import contextlib
+    import io
+    from zerojax.step import model_loss
+    config = {"train_batch_size": 16, "optimizer": {"type": "AdamW"},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine = zerojax.initialize(model_fn=tiny_llama, config=config)
+    assert engine.policy.remat == "minimal"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda p: model_loss(engine.step_spec, p, engine.state.model_state, token_batches(1, 16)[0])[0],
+            engine.state.params)
+    computed = [line.split(" ", 1)[0] for line in out.getvalue().splitlines() if "from the argument" not in line]
+    param_shapes = {f"{x.dtype}[{','.join(map(str, x.shape))}]".replace("float32", "f32")
+                    for x in jax.tree.leaves(engine.state.params["layers"])}
+    assert computed and not param_shapes & set(computed), (param_shapes, computed)
+
+
 def test_auto_remat_rule():
     from zerojax.config import ActivationCheckpointingConfig, RematPolicy
     from zerojax.engine import resolve_remat
@@ -69,6 +91,8 @@ def test_auto_remat_rule():
     assert resolve_remat("auto", 1, section, "gpu") == "full"         # DeepSpeed's section asks for it
     assert resolve_remat("auto", 1, None, "gpu") == "none"
     assert resolve_remat("auto", 0, None, "cpu") == "minimal"         # recompute beats memory traffic
+    assert resolve_remat("auto", 3, None, "cpu") == "minimal"         # gathered params are recomputed too
+    assert resolve_remat("auto", 3, None, "gpu", gathers_per_layer=False) == "none"   # bucketed
     assert resolve_remat("none", 3, section, "cpu") == "none"         # an explicit choice wins
     # DeepSpeed's cpu_checkpointing keeps each layer's input in host memory.
     cpu = ActivationCheckpointingConfig(cpu_checkpointing=True)
