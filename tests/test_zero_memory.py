@@ -62,16 +62,16 @@ def test_stage3_remat_does_not_keep_gathered_params():
 
 
 def test_stage3_minimal_remat_keeps_no_param_shaped_residual():
-    """CPU's "auto" for ZeRO-3 is "minimal": it keeps matmul outputs, and a gathered param is
-    none, so the backward pass gathers it again rather than keeping it (no residual has a
-    stacked param's shape)."""
+    """ZeRO-3 under remat "minimal" keeps matmul outputs, and a gathered param is none: the
+    backward pass gathers it again rather than keeping it (no residual has a stacked param's
+    shape)."""
     import contextlib
     import io
     from zerojax.step import model_loss
     config = {"train_batch_size": 16, "optimizer": {"type": "AdamW"},
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zerojax": {"remat": "minimal"}}
     engine = zerojax.initialize(model_fn=tiny_llama, config=config)
-    assert engine.policy.remat == "minimal"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         jax.ad_checkpoint.print_saved_residuals(
@@ -91,8 +91,8 @@ def test_auto_remat_rule():
     assert resolve_remat("auto", 1, section, "gpu") == "full"         # DeepSpeed's section asks for it
     assert resolve_remat("auto", 1, None, "gpu") == "none"
     assert resolve_remat("auto", 0, None, "cpu") == "minimal"         # recompute beats memory traffic
-    assert resolve_remat("auto", 3, None, "cpu") == "minimal"         # gathered params are recomputed too
-    assert resolve_remat("auto", 3, None, "gpu", gathers_per_layer=False) == "none"   # bucketed
+    assert resolve_remat("auto", 3, None, "cpu", gathers_per_layer=False) == "minimal"  # bucketed
+    assert resolve_remat("auto", 3, None, "gpu", gathers_per_layer=False) == "none"
     assert resolve_remat("none", 3, section, "cpu") == "none"         # an explicit choice wins
     # DeepSpeed's cpu_checkpointing keeps each layer's input in host memory.
     cpu = ActivationCheckpointingConfig(cpu_checkpointing=True)

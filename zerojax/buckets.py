@@ -230,12 +230,23 @@ def _gather_bucket(dims: tuple[int, ...], shards: tuple[jax.Array, ...]) -> tupl
     return gather(tuple(shards))
 
 
+def _after(inputs: list, before: list) -> list:
+    """`inputs`, not usable before `before` is computed: a collective fed from here starts
+    after the collectives that made `before`. Devices must start collectives in one order
+    (XLA:CPU's in-process collectives deadlock otherwise, and gloo would pair up the wrong
+    buffers), and XLA may run independent ones in any order."""
+    if not before:
+        return inputs
+    return list(jax.lax.optimization_barrier((tuple(inputs), tuple(before)))[0])
+
+
 def gather(plan_: BucketPlan, params: Any) -> Any:
     """The whole params from the local shards of those stored split (inside the shard_map)."""
     leaves, treedef = jax.tree.flatten(params)
-    leaves = list(leaves)
+    leaves, previous = list(leaves), []
     for bucket in plan_.gather_buckets:
-        whole = _gather_bucket(tuple(plan_.stored_dims[i] for i in bucket), tuple(leaves[i] for i in bucket))
+        shards = _after([leaves[i] for i in bucket], previous)
+        whole = previous = list(_gather_bucket(tuple(plan_.stored_dims[i] for i in bucket), tuple(shards)))
         for i, x in zip(bucket, whole):
             leaves[i] = x
     return jax.tree.unflatten(treedef, leaves)
@@ -247,17 +258,23 @@ def reduce_whole_leaves(plan_: BucketPlan, grads: Any) -> Any:
     all-reduce where it is kept whole. (Those stored split were reduced by `gather`'s VJP.)"""
     leaves, treedef = jax.tree.flatten(grads)
     leaves = list(leaves)
+    # After the gather's VJP reduce-scatters (the gradients of the leaves stored split).
+    previous = [leaves[i] for i, d in enumerate(plan_.stored_dims) if d is not None]
     for bucket in plan_.reduce_buckets:
         split = [i for i in bucket if plan_.grad_dims[i] is not None]
         whole = [i for i in bucket if plan_.grad_dims[i] is None]
         if split:
-            rows = jnp.concatenate([_to_rows(leaves[i], plan_.grad_dims[i], plan_.devices) for i in split], axis=1)
+            grads = _after([leaves[i] for i in split], previous)
+            rows = jnp.concatenate([_to_rows(g, plan_.grad_dims[i], plan_.devices) for g, i in zip(grads, split)], axis=1)
             shapes = [_shard_shape(leaves[i].shape, plan_.grad_dims[i], plan_.devices) for i in split]
-            for i, x in zip(split, _cut(reduce_scatter_rows(rows), shapes)):
+            previous = _cut(reduce_scatter_rows(rows), shapes)
+            for i, x in zip(split, previous):
                 leaves[i] = x
         if whole:
-            flat = jax.lax.psum(jnp.concatenate([leaves[i].reshape(-1) for i in whole]), AXIS)
-            for i, x in zip(whole, _cut(flat, [leaves[i].shape for i in whole])):
+            grads = _after([leaves[i] for i in whole], previous)
+            flat = jax.lax.psum(jnp.concatenate([g.reshape(-1) for g in grads]), AXIS)
+            previous = _cut(flat, [leaves[i].shape for i in whole])
+            for i, x in zip(whole, previous):
                 leaves[i] = x
     return jax.tree.unflatten(treedef, leaves)
 
@@ -279,9 +296,10 @@ def regather(plan_: BucketPlan, mesh: Mesh, params: Any) -> Any:
     leaves, treedef = jax.tree.flatten(params)
 
     def per_device(*leaves):
-        leaves = list(leaves)
+        leaves, previous = list(leaves), []
         for bucket in plan_.regather_buckets:
-            whole = _all_gather_flat(tuple(plan_.grad_dims[i] for i in bucket), tuple(leaves[i] for i in bucket))
+            shards = _after([leaves[i] for i in bucket], previous)
+            whole = previous = list(_all_gather_flat(tuple(plan_.grad_dims[i] for i in bucket), tuple(shards)))
             for i, x in zip(bucket, whole):
                 leaves[i] = x
         return tuple(leaves)

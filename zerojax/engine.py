@@ -63,15 +63,16 @@ def resolve_remat(remat: Any, stage: int, checkpointing: Any, platform: str, *,
                   gathers_per_layer: bool | None = None) -> Any:
     """The remat setting the layers use: a mode ("full" | "minimal" | "none") or a RematPolicy.
 
-    "auto": on CPU "minimal" (keep only matmul outputs): saving every intermediate costs
-    more memory traffic than recomputing the element-wise work, so it is both faster and
-    smaller there (benchmarks/NOTES.md). It also keeps ZeRO-3's per-layer gathers out of
-    the saved residuals (a gathered param is no matmul output: it is gathered again in the
-    backward pass), and measured ~9% faster than "full" for ZeRO-3 on CPU. On accelerators
-    ZeRO-3 must not keep gathered params for the backward pass: "full" (unless
-    `gathers_per_layer` is False: a bucketed step gathers them for the whole step); else
-    keep everything, as DeepSpeed does when nothing is asked. A DeepSpeed
-    `activation_checkpointing` section asks for "full" everywhere.
+    "auto": ZeRO-3 gathering per layer must not keep gathered params for the backward
+    pass: "full". (On CPU "minimal" would not keep them either and measured ~9% faster, but
+    it lets a layer's re-gather run beside the previous layer's gradient all-reduce, and
+    XLA:CPU's in-process collectives deadlock when devices start them in different orders.)
+    A DeepSpeed `activation_checkpointing` section asks for "full" too. Otherwise, on CPU,
+    "minimal" (keep only matmul outputs): saving every intermediate costs more memory
+    traffic than recomputing the element-wise work, so it is both faster and smaller there
+    (benchmarks/NOTES.md); on accelerators keep everything, as DeepSpeed does when nothing
+    is asked. A bucketed step gathers the params for the whole step (`gathers_per_layer`
+    False), so it follows the non-ZeRO-3 rule.
     `checkpointing`: the parsed `activation_checkpointing` section, or None when absent.
     Its `cpu_checkpointing` (DeepSpeed: keep the checkpointed layer inputs in CPU memory)
     offloads each layer's input to pinned host memory, unless the remat policy names it.
@@ -79,12 +80,10 @@ def resolve_remat(remat: Any, stage: int, checkpointing: Any, platform: str, *,
     if gathers_per_layer is None:
         gathers_per_layer = stage >= 3
     if remat == "auto":
-        if checkpointing is not None:
+        if gathers_per_layer or checkpointing is not None:
             remat = "full"
-        elif platform == "cpu":
-            remat = "minimal"
         else:
-            remat = "full" if gathers_per_layer else "none"
+            remat = "minimal" if platform == "cpu" else "none"
     if checkpointing is not None and checkpointing.cpu_checkpointing:
         policy = remat if isinstance(remat, RematPolicy) else RematPolicy(policy=remat)
         if "layer_input" not in policy.save + policy.offload + policy.remat:
