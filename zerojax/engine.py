@@ -127,8 +127,7 @@ class Engine:
             abstract_params, logical, self.mesh, stage,
             persistence_threshold=config.zero_optimization.stage3_param_persistence_threshold,
             rules=self.rules)
-        pipeline_schedule = self._pipeline_schedule(abstract_model)
-        self.bucket_plan = self._bucket_plan(config, abstract_params, pipeline_schedule)
+        self.bucket_plan = self._bucket_plan(config, abstract_params)
 
         mask = decay_mask(logical, abstract_params, config.zerojax.weight_decay_mask)
         self.tx = optim.build_optimizer(config, optimizer=optimizer, decay_mask=mask)
@@ -197,7 +196,7 @@ class Engine:
             cast_params_whole=not self._casts_per_layer and self.compute_dtype != jnp.float32,
             cast_shards_first=(self.layout.params if self._casts_per_layer and stage >= 3
                                and self.compute_dtype != jnp.float32 else None),
-            logical=logical, pipeline_schedule=pipeline_schedule,
+            logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
             opt_state_on_device=opt_on_device, params_on_device=params_on_device,
             # Asked for only: "auto" leaves a user's module alone (no measured win on CPU,
             # benchmarks/NOTES.md); an explicit mode or policy wraps its whole loss.
@@ -229,15 +228,15 @@ class Engine:
         # A wrapper (e.g. a reward model over a Llama) names what its checkpoint holds itself.
         self.model_section = getattr(abstract_model, "zerojax_model_section", None) or self.model_section
 
-    def _bucket_plan(self, config: Config, abstract_params: Any, pipeline_schedule: str | None):
+    def _bucket_plan(self, config: Config, abstract_params: Any):
         """Flat-bucket collectives for this run (zerojax.buckets), or None. Under ZeRO-3 a
         bucketed step keeps the gradient and optimizer state of a param stored whole (below
         `stage3_param_persistence_threshold`: small) whole too, updated on every device:
         its gradient is all-reduced in a bucket and nothing is gathered after the update."""
         offloaded = (offload.optimizer_memory_kind(config, self.mesh) is not None
                      or offload.param_memory_kind(config, self.mesh, self.compute_dtype) is not None)
-        other_step = ("NVMe offload" if nvme.enabled(config) else "offload" if offloaded else
-                      "pipeline stages" if pipeline_schedule is not None else None)
+        # (Pipeline stages need a `pipe` axis, which `buckets.unsupported_reason` refuses.)
+        other_step = "NVMe offload" if nvme.enabled(config) else "offload" if offloaded else None
         plan = buckets.select(config, self.layout, abstract_params, other_step=other_step)
         if plan is None or self.layout.stage < 3:
             return plan
