@@ -29,7 +29,6 @@ must fit in `stage3_max_live_parameters`, since they are gathered for the whole 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable
 
@@ -240,16 +239,24 @@ def _after(inputs: list, before: list) -> list:
     return list(jax.lax.optimization_barrier((tuple(inputs), tuple(before)))[0])
 
 
+def _gather_in_order(leaves: list, buckets: tuple[tuple[int, ...], ...], dims: tuple[int | None, ...],
+                     gather_bucket: Callable) -> list:
+    """`leaves` with each bucket's shards replaced by the whole arrays, one
+    `gather_bucket(dims, shards)` per bucket, each started after the one before."""
+    leaves, previous = list(leaves), []
+    for bucket in buckets:
+        shards = _after([leaves[i] for i in bucket], previous)
+        whole = previous = list(gather_bucket(tuple(dims[i] for i in bucket), tuple(shards)))
+        for i, x in zip(bucket, whole):
+            leaves[i] = x
+    return leaves
+
+
 def gather(plan_: BucketPlan, params: Any) -> Any:
     """The whole params from the local shards of those stored split (inside the shard_map)."""
     leaves, treedef = jax.tree.flatten(params)
-    leaves, previous = list(leaves), []
-    for bucket in plan_.gather_buckets:
-        shards = _after([leaves[i] for i in bucket], previous)
-        whole = previous = list(_gather_bucket(tuple(plan_.stored_dims[i] for i in bucket), tuple(shards)))
-        for i, x in zip(bucket, whole):
-            leaves[i] = x
-    return jax.tree.unflatten(treedef, leaves)
+    return jax.tree.unflatten(treedef, _gather_in_order(leaves, plan_.gather_buckets, plan_.stored_dims,
+                                                        _gather_bucket))
 
 
 def reduce_whole_leaves(plan_: BucketPlan, grads: Any) -> Any:
@@ -296,13 +303,7 @@ def regather(plan_: BucketPlan, mesh: Mesh, params: Any) -> Any:
     leaves, treedef = jax.tree.flatten(params)
 
     def per_device(*leaves):
-        leaves, previous = list(leaves), []
-        for bucket in plan_.regather_buckets:
-            shards = _after([leaves[i] for i in bucket], previous)
-            whole = previous = list(_all_gather_flat(tuple(plan_.grad_dims[i] for i in bucket), tuple(shards)))
-            for i, x in zip(bucket, whole):
-                leaves[i] = x
-        return tuple(leaves)
+        return tuple(_gather_in_order(leaves, plan_.regather_buckets, plan_.grad_dims, _all_gather_flat))
 
     grad_specs = jax.tree.leaves(plan_.grad_specs(params), is_leaf=lambda x: isinstance(x, PartitionSpec))
     stored_specs = jax.tree.leaves(plan_.stored_specs(params), is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -127,6 +127,8 @@ class Engine:
             abstract_params, logical, self.mesh, stage,
             persistence_threshold=config.zero_optimization.stage3_param_persistence_threshold,
             rules=self.rules)
+        self.offload_memory_kind = offload.optimizer_memory_kind(config, self.mesh)
+        self.param_memory_kind = offload.param_memory_kind(config, self.mesh, self.compute_dtype)
         self.bucket_plan = self._bucket_plan(config, abstract_params)
 
         mask = decay_mask(logical, abstract_params, config.zerojax.weight_decay_mask)
@@ -147,10 +149,8 @@ class Engine:
 
         loss_scale = precision.init_loss_scale(config)
         replicated = lambda tree: jax.tree.map(lambda x: _replicated(self.mesh, x), tree)
-        self.offload_memory_kind = offload.optimizer_memory_kind(config, self.mesh)
         opt_shardings, opt_on_device = offload.place(self.layout.shardings(opt_specs),
                                                      self.offload_memory_kind)
-        self.param_memory_kind = offload.param_memory_kind(config, self.mesh, self.compute_dtype)
         param_shardings, params_on_device = offload.place(self.layout.shardings(self.layout.params),
                                                           self.param_memory_kind)
         self.nvme: nvme.NvmeOptimizer | None = None
@@ -233,8 +233,7 @@ class Engine:
         bucketed step keeps the gradient and optimizer state of a param stored whole (below
         `stage3_param_persistence_threshold`: small) whole too, updated on every device:
         its gradient is all-reduced in a bucket and nothing is gathered after the update."""
-        offloaded = (offload.optimizer_memory_kind(config, self.mesh) is not None
-                     or offload.param_memory_kind(config, self.mesh, self.compute_dtype) is not None)
+        offloaded = self.offload_memory_kind is not None or self.param_memory_kind is not None
         # (Pipeline stages need a `pipe` axis, which `buckets.unsupported_reason` refuses.)
         other_step = "NVMe offload" if nvme.enabled(config) else "offload" if offloaded else None
         plan = buckets.select(config, self.layout, abstract_params, other_step=other_step)

@@ -166,8 +166,7 @@ def bucketed_gradients(spec: StepSpec, state: TrainState, batch: Any):
     local = dataclasses.replace(
         spec, inside_buckets=True, grad_specs=None,
         policy=dataclasses.replace(spec.policy, mesh=None, gather_params=False, rows_axis=axis))
-    params_in = [buckets.spec_of(d, x.ndim) for d, x in zip(plan.stored_dims, jax.tree.leaves(state.params))]
-    params_in = jax.tree.unflatten(jax.tree.structure(state.params), params_in)
+    params_in = plan.stored_specs(state.params)
 
     def per_device(params, model_state, scale, batch):
         # A whole (replicated) param meeting per-device rows would get its gradient
