@@ -204,7 +204,8 @@ class Engine:
                                else compute.whole_model_policy(remat)),
             stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
             and optimizer is None and config.optimizer is not None
-            and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS)
+            and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS,
+            gemm_form_dots=self.mesh.devices.flat[0].platform == "cpu")
         if self.bucket_plan is not None:
             # Bucketed: stage 1 too reduce-scatters its gradients (its update needs only the shard).
             self.step_spec = dataclasses.replace(self.step_spec, bucket_plan=self.bucket_plan,

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import buckets, compute, offload, precision
+from zerojax import buckets, compute, dot_forms, offload, precision
 from zerojax.precision import LossScaleState
 
 
@@ -64,6 +64,9 @@ class StepSpec:
     # None: XLA places the collectives. `inside_buckets`: this spec is the per-device one.
     bucket_plan: Any = None
     inside_buckets: bool = False
+    # Rewrite the gradient function's dots into the operand form XLA:CPU's GEMM fusions take
+    # (zerojax.dot_forms); the engine sets it on CPU.
+    gemm_form_dots: bool = False
 
 
 def _constrain(tree: Any, specs: Any, mesh) -> Any:
@@ -125,6 +128,8 @@ def accumulate_gradients(spec: StepSpec, state: TrainState, batch: Any):
         return loss * scale, (loss, aux)
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
+    if spec.gemm_form_dots:
+        grad_fn = dot_forms.in_gemm_form(grad_fn)
     mesh = spec.policy.mesh
 
     def one(model_state, micro_batch):

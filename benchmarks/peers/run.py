@@ -61,6 +61,9 @@ SYSTEMS = {
                         lambda a: [*ZJ_LAUNCH[:-1], "--bind-cores", "off", "--", PY, "zerojax_runner.py",
                                    "--stage", "3", "--collectives", "xla", *a],
                         {}),
+    "zerojax3-xla": ("zerojax ZeRO-3 (1x2, XLA collectives)", 1,
+                     lambda a: [PY, "zerojax_runner.py", "--stage", "3", "--collectives", "xla", *a],
+                     {"XLA_FLAGS": TWO_DEVICES}),
     # A user's own Flax GPT (user_gpt.py: nnx.Linear blocks, no zerojax calls), same weights.
     "zerojax3-user": ("zerojax ZeRO-3, user's Flax GPT (1x2)", 1,
                       lambda a: [PY, "zerojax_runner.py", "--stage", "3", "--model", "user", *a],

@@ -1,0 +1,132 @@
+"""Dot operand forms XLA:CPU runs fast, for any module.
+
+XLA:CPU hands a dot to its XNNPACK/YNNPACK fusion only when the left operand is laid out
+[batch..., free..., contracting...]; a dot whose left operand contracts a leading dim runs
+in Eigen instead (~50 vs ~70 GFLOP/s here). Autodiff writes each weight gradient as
+`transpose(dot(g, x))` contracting the token dims; XLA's algebraic simplifier turns that
+into such a dot, and folds back any transpose a model writes. So the step's jaxpr is
+rewritten (`rewrite`):
+
+  - `transpose(dot(a, b))` that only swaps the free dims becomes `dot(b, a)`;
+  - a dot whose left operand is not in GEMM form gets it transposed there behind an
+    `optimization_barrier`, which the simplifier does not see through (one copy of the
+    operand: Eigen's path made a copy too).
+
+The same function: values differ only by the dot's summation order (fp32 rounding). The
+step applies it to its gradient function on CPU only (StepSpec.gemm_form_dots); GPU and
+TPU compilers take transposed operands natively. It pays where XLA would otherwise emit
+Eigen dots: inside a bucketed step's shard_map, all 24 weight gradients of the benchmark's
+user GPT (2 processes: -2 to -5% step time, benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+from jax.extend import core
+
+# Below this many multiply-adds a dot is cheap in any form, and the copy would not pay.
+MIN_FLOPS = 1 << 20
+
+_BARRIER = jax.make_jaxpr(jax.lax.optimization_barrier)(0.0).eqns[0].primitive
+
+
+def _gemm_form(eqn: core.JaxprEqn) -> list[core.JaxprEqn]:
+    """The dot `eqn`, or (transpose, barrier, dot) when its left operand is not in GEMM form."""
+    lhs = eqn.invars[0]
+    if not isinstance(lhs, core.Var):
+        return [eqn]
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    ndim = lhs.aval.ndim
+    free = [d for d in range(ndim) if d not in lc and d not in lb]
+    perm = tuple(lb) + tuple(free) + tuple(lc)
+    out = eqn.outvars[0].aval
+    if perm == tuple(range(ndim)) or math.prod(out.shape) * math.prod(lhs.aval.shape[d] for d in lc) < MIN_FLOPS:
+        return [eqn]
+    aval = lhs.aval.update(shape=tuple(lhs.aval.shape[d] for d in perm))
+    moved, held = core.Var(aval), core.Var(aval)
+    transpose = core.new_jaxpr_eqn([lhs], [moved], jax.lax.transpose_p, {"permutation": perm},
+                                   core.no_effects, eqn.source_info, eqn.ctx)
+    barrier = core.new_jaxpr_eqn([moved], [held], _BARRIER, {}, core.no_effects, eqn.source_info, eqn.ctx)
+    nb, nf = len(lb), len(free)
+    dims = ((tuple(range(nb + nf, ndim)), tuple(rc)), (tuple(range(nb)), tuple(rb)))
+    dot = eqn.replace(invars=[held, *eqn.invars[1:]], params={**eqn.params, "dimension_numbers": dims})
+    return [transpose, barrier, dot]
+
+
+# The primitives whose nested jaxprs XLA compiles as part of the step. Others (a Pallas
+# kernel's body, a custom rule's jaxpr) are left as they are.
+_DESCEND = frozenset({"jit", "pjit", "closed_call", "core_call", "scan", "while", "cond",
+                      "remat2", "checkpoint", "shard_map"})
+
+
+def _rewrite_param(value: Any) -> Any:
+    if isinstance(value, core.ClosedJaxpr):
+        return value.replace(jaxpr=rewrite(value.jaxpr))
+    if isinstance(value, core.Jaxpr):
+        return rewrite(value)
+    if isinstance(value, tuple) and value and all(isinstance(v, (core.Jaxpr, core.ClosedJaxpr)) for v in value):
+        return tuple(_rewrite_param(v) for v in value)
+    return value
+
+
+def _swapped(dot: core.JaxprEqn, transpose: core.JaxprEqn) -> core.JaxprEqn | None:
+    """`transpose(dot_general(a, b))` as one `dot_general(b, a)` when the transpose only
+    swaps the free dims of a and b (autodiff writes every weight gradient so); else None."""
+    (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
+    nb = len(lb)
+    na = dot.invars[0].aval.ndim - nb - len(lc)
+    nr = dot.invars[1].aval.ndim - nb - len(rc)
+    swap = tuple(range(nb)) + tuple(range(nb + na, nb + na + nr)) + tuple(range(nb, nb + na))
+    if tuple(transpose.params["permutation"]) != swap:
+        return None
+    return dot.replace(invars=[dot.invars[1], dot.invars[0]], outvars=transpose.outvars,
+                       params={**dot.params, "dimension_numbers": ((rc, lc), (rb, lb))})
+
+
+def _merge_transposes(eqns: list[core.JaxprEqn], outvars: list) -> tuple[list[core.JaxprEqn], bool]:
+    """Each dot whose only use is a free-dim-swapping transpose, made one swapped dot.
+    Returns the new equations and whether any changed."""
+    uses: dict[core.Var, int] = {}
+    for atom in [a for e in eqns for a in e.invars] + list(outvars):
+        if isinstance(atom, core.Var):
+            uses[atom] = uses.get(atom, 0) + 1
+    dots = {e.outvars[0]: e for e in eqns if e.primitive is jax.lax.dot_general_p}
+    merged: dict[int, core.JaxprEqn] = {}     # id(dot eqn) -> the swapped dot
+    dropped: set[int] = set()                 # id(transpose eqn) folded into its dot
+    for e in eqns:
+        source = e.invars[0] if e.primitive is jax.lax.transpose_p else None
+        if isinstance(source, core.Var) and source in dots and uses[source] == 1:
+            swapped = _swapped(dots[source], e)
+            if swapped is not None:
+                merged[id(dots[source])] = swapped
+                dropped.add(id(e))
+    return [merged.get(id(e), e) for e in eqns if id(e) not in dropped], bool(merged)
+
+
+def rewrite(jaxpr: core.Jaxpr) -> core.Jaxpr:
+    """`jaxpr` with every large dot in GEMM form, nested jaxprs (scan, remat, shard_map,
+    cond, jit) included; their signatures are unchanged."""
+    eqns, changed = list(jaxpr.eqns), True
+    while changed:       # dot -> transpose -> transpose (a tied embedding's gradient) merges twice
+        eqns, changed = _merge_transposes(eqns, jaxpr.outvars)
+    out = []
+    for eqn in eqns:
+        if eqn.primitive is jax.lax.dot_general_p:
+            out.extend(_gemm_form(eqn))
+        elif eqn.primitive.name in _DESCEND:
+            out.append(eqn.replace(params={k: _rewrite_param(v) for k, v in eqn.params.items()}))
+        else:
+            out.append(eqn)
+    return jaxpr.replace(eqns=out)
+
+
+def in_gemm_form(fn: Callable) -> Callable:
+    """`fn` traced, its dots rewritten (`rewrite`), and evaluated in the caller's trace."""
+    def wrapped(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        out = core.jaxpr_as_fun(closed.replace(jaxpr=rewrite(closed.jaxpr)))(*jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+    return wrapped
