@@ -113,11 +113,9 @@ def test_flat_rows_round_trip():
         np.testing.assert_array_equal(buckets._from_rows(rows, dim, shard_shape), x)
 
 
-def test_auto_buckets_data_parallel_cpu_runs_and_leaves_other_meshes_to_xla():
-    assert zerojax.initialize(model_fn=tiny_llama, config=_config(3, "auto")).bucket_plan is not None
-    config = _config(3, "auto")
-    config["zerojax"]["mesh"] = {"data": 4, "tensor": 2}
-    assert zerojax.initialize(model_fn=tiny_llama, config=config).bucket_plan is None
+def test_auto_keeps_xla_collectives_in_one_process():
+    engine = zerojax.initialize(model_fn=tiny_llama, config=_config(3, "auto"))
+    assert engine.bucket_plan is None          # one process: XLA:CPU collectives are memory copies
 
 
 @pytest.mark.parametrize("change,expected", [

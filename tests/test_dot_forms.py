@@ -89,7 +89,7 @@ def test_users_bucketed_step_runs_every_dot_in_a_gemm_fusion():
               "zerojax": {"collectives": "bucketed", "mesh": {"data": 8}}}
     batch = {"input_ids": np.random.default_rng(0).integers(0, 64, size=(16, 64)).astype(np.int32)}
     engine = zerojax.initialize(model_fn=UserMLPStack, config=config)
-    assert engine.step_spec.gemm_form_dots                    # on CPU, by default
+    assert engine.step_spec.gemm_form_dots                    # bucketed on CPU
     rewritten = engine._compiled("train", batch).as_text()
     plain_spec = dataclasses.replace(engine.step_spec, gemm_form_dots=False)
     plain = jax.jit(functools.partial(train_step, plain_spec)).lower(

@@ -11,9 +11,7 @@ from tests.helpers import compile_events, tiny_llama, token_batches
 def engine_for(stage: int, gas: int = 1):
     config = {"train_batch_size": 16, "gradient_accumulation_steps": gas,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-              # XLA's own collectives: a bucketed step reduce-scatters at stage 1 already.
-              "zerojax": {"collectives": "xla"}}
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
     return zerojax.initialize(model_fn=tiny_llama, config=config,
                               example_batch=token_batches(1, 16)[0])
 

@@ -104,12 +104,9 @@ def select(config: Any, layout: Any, abstract_params: Any, *, other_step: str | 
     """The bucket plan for this run, or None for XLA's own collectives.
 
     `zerojax.collectives`: "bucketed" asks for it (a ConfigError says why it cannot run);
-    "auto" picks it where it was measured to win: XLA:CPU. Across processes (gloo) a
-    collective costs per buffer; in one process the bucketed step's ordered collectives
-    allow remat "minimal" (XLA's per-layer gathers deadlocked beside it) and its dots
-    compile to GEMM fusions (zerojax.dot_forms): 1.13x vs 1.03x DeepSpeed ZeRO-3 for the
-    reference GPT at 1 process x 2 devices (benchmarks/NOTES.md). On GPU/TPU XLA's
-    combiners and NCCL/ICI make one collective per tensor cheap.
+    "auto" picks it where it was measured to win: XLA:CPU across processes (gloo), where a
+    collective costs per buffer. In one process XLA:CPU's collectives are memory copies, and
+    on GPU/TPU XLA's combiners and NCCL/ICI make one collective per tensor cheap.
     `other_step`: the step is not the plain one (offload, NVMe, pipeline), named for the message.
     """
     from zerojax.config import ConfigError
@@ -118,7 +115,7 @@ def select(config: Any, layout: Any, abstract_params: Any, *, other_step: str | 
     mesh = layout.mesh
     if mode == "xla" or mesh.shape[AXIS] == 1:
         return None
-    if mode == "auto" and mesh.devices.flat[0].platform != "cpu":
+    if mode == "auto" and not (mesh.devices.flat[0].platform == "cpu" and jax.process_count() > 1):
         return None
     zero = config.zero_optimization
     why = unsupported_reason(mesh, layout) or (f"it runs the plain step only, not {other_step}"

@@ -34,7 +34,7 @@ Schema (defaults in parentheses; DeepSpeed's docs describe the DeepSpeed keys)::
                 tuner_num_trials 50, tuner_early_stopping 5, ...}: read by `zerojax autotune`
     zerojax {mesh {data -1, sequence 1, tensor 1, pipe 1, replica 1},
              kernels "auto"|"xla"|"pallas", collectives "auto"|"xla"|"bucketed" ("auto":
-             bucketed for CPU runs on a data-only mesh), remat "auto"|"full"|"minimal"|"none" ("auto": full
+             bucketed for multi-process CPU runs on a data-only mesh), remat "auto"|"full"|"minimal"|"none" ("auto": full
              under ZeRO-3 or with an activation_checkpointing section, else none),
              weight_decay_mask "all"|"no_bias_norm", sequence_parallel {strategy "ulysses"|"ring"},
              model {}, data {}, train {} (free-form), compilation_cache (None), seed 0}

@@ -13,10 +13,11 @@ rewritten (`rewrite`):
     operand: Eigen's path made a copy too).
 
 The same function: values differ only by the dot's summation order (fp32 rounding). The
-step applies it to its gradient function on CPU only (StepSpec.gemm_form_dots); GPU and
-TPU compilers take transposed operands natively. It pays where XLA would otherwise emit
-Eigen dots: inside a bucketed step's shard_map, all 24 weight gradients of the benchmark's
-user GPT (2 processes: -2 to -5% step time, benchmarks/NOTES.md).
+step applies it to its gradient function where XLA was seen to emit Eigen dots: a
+bucketed step on CPU (StepSpec.gemm_form_dots), inside whose shard_map all 24 weight
+gradients of the benchmark's user GPT were Eigen dots (2 processes: 2-5% faster,
+benchmarks/NOTES.md). XLA's own SPMD steps measured none; GPU and TPU compilers take
+transposed operands natively.
 """
 from __future__ import annotations
 

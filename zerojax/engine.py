@@ -204,12 +204,15 @@ class Engine:
                                else compute.whole_model_policy(remat)),
             stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
             and optimizer is None and config.optimizer is not None
-            and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS,
-            gemm_form_dots=self.mesh.devices.flat[0].platform == "cpu")
+            and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS)
         if self.bucket_plan is not None:
-            # Bucketed: stage 1 too reduce-scatters its gradients (its update needs only the shard).
-            self.step_spec = dataclasses.replace(self.step_spec, bucket_plan=self.bucket_plan,
-                                                 grad_specs=self.bucket_plan.grad_specs(abstract_params))
+            # Bucketed: stage 1 too reduce-scatters its gradients (its update needs only the
+            # shard). Inside its shard_map XLA:CPU makes the weight gradients Eigen dots unless
+            # they are rewritten (zerojax.dot_forms); XLA's own SPMD steps measured none.
+            self.step_spec = dataclasses.replace(
+                self.step_spec, bucket_plan=self.bucket_plan,
+                grad_specs=self.bucket_plan.grad_specs(abstract_params),
+                gemm_form_dots=self.mesh.devices.flat[0].platform == "cpu")
         metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),

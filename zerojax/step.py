@@ -65,7 +65,7 @@ class StepSpec:
     bucket_plan: Any = None
     inside_buckets: bool = False
     # Rewrite the gradient function's dots into the operand form XLA:CPU's GEMM fusions take
-    # (zerojax.dot_forms); the engine sets it on CPU.
+    # (zerojax.dot_forms); the engine sets it for bucketed steps on CPU.
     gemm_form_dots: bool = False
 
 
