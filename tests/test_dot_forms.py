@@ -13,6 +13,8 @@ import zerojax
 from zerojax import dot_forms
 from zerojax.step import train_step
 
+from tests.helpers import relative_error
+
 
 class UserMLPStack(nnx.Module):
     """A user's module: nnx.Linear layers in a Python loop, row-mean loss, nothing of zerojax."""
@@ -68,8 +70,9 @@ def test_weight_gradients_take_the_gemm_form_and_the_same_values():
     after = _dots(jax.make_jaxpr(rewritten)(params, x).jaxpr)
     assert len(after) == len(before) and all(_lhs_in_gemm_form(e) for e in after)
     (want_loss, want), (loss, got) = jax.jit(grad_fn)(params, x), jax.jit(rewritten)(params, x)
-    assert float(loss) == float(want_loss)                   # the forward is untouched
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=1e-7)
+    # DESIGN.md's bound for the same math summed in another order (two compiled programs).
+    assert abs(float(loss) - float(want_loss)) <= 2e-5
+    assert relative_error(got, want) <= 1e-5
 
 
 def _eigen_dots(hlo: str) -> int:

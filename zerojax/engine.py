@@ -181,8 +181,8 @@ class Engine:
             host_memory.release_freed()     # the init programs' compile: the step's compile peaks next
 
         checkpointing = config.activation_checkpointing if "activation_checkpointing" in config.raw else None
-        remat = resolve_remat(config.zerojax.remat, stage, checkpointing,
-                              self.mesh.devices.flat[0].platform,
+        platform = self.mesh.devices.flat[0].platform
+        remat = resolve_remat(config.zerojax.remat, stage, checkpointing, platform,
                               gathers_per_layer=stage >= 3 and self.bucket_plan is None)
         self.policy = compute.ComputePolicy(
             dtype=self.compute_dtype, mesh=self.mesh, rules=self.rules,
@@ -212,7 +212,7 @@ class Engine:
             self.step_spec = dataclasses.replace(
                 self.step_spec, bucket_plan=self.bucket_plan,
                 grad_specs=self.bucket_plan.grad_specs(abstract_params),
-                gemm_form_dots=self.mesh.devices.flat[0].platform == "cpu")
+                gemm_form_dots=platform == "cpu")
         metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),
