@@ -113,9 +113,22 @@ def test_flat_rows_round_trip():
         np.testing.assert_array_equal(buckets._from_rows(rows, dim, shard_shape), x)
 
 
-def test_auto_keeps_xla_collectives_in_one_process():
-    engine = zerojax.initialize(model_fn=tiny_llama, config=_config(3, "auto"))
+def test_auto_gathers_zero3_params_once_per_step_in_one_process():
+    """One CPU process, "auto": XLA's collectives (no buckets), ZeRO-3's params gathered
+    once before the module runs rather than per layer, remat "minimal", and the same
+    function as the per-layer gathers ("xla")."""
+    batches = token_batches(3, 16)
+    want_losses, want_params, per_layer = _train(tiny_llama, _config(3, "xla"), batches)
+    losses, params, engine = _train(tiny_llama, _config(3, "auto"), batches)
     assert engine.bucket_plan is None          # one process: XLA:CPU collectives are memory copies
+    assert engine.gathers_whole_step and not per_layer.gathers_whole_step
+    assert engine.policy.remat == "minimal" and per_layer.policy.remat == "full"
+    assert engine.step_spec.gathered_specs is not None and not engine.policy.gather_params
+    np.testing.assert_allclose(losses, want_losses, atol=2e-5, rtol=0)
+    assert relative_error(params, want_params) <= 1e-5
+    # Params that would not fit stage3_max_live_parameters at once are gathered per layer.
+    small = _config(3, "auto", stage3_max_live_parameters=1000, stage3_param_persistence_threshold=0)
+    assert not zerojax.initialize(model_fn=tiny_llama, config=small).gathers_whole_step
 
 
 @pytest.mark.parametrize("change,expected", [

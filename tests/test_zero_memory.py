@@ -8,10 +8,16 @@ import zerojax
 from tests.helpers import compile_events, tiny_llama, token_batches
 
 
+# "xla": ZeRO-3 gathers per layer, as on accelerators ("auto" in one CPU process gathers
+# once for the whole step: test_buckets).
+PER_LAYER = {"collectives": "xla"}
+
+
 def engine_for(stage: int, gas: int = 1):
     config = {"train_batch_size": 16, "gradient_accumulation_steps": gas,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              "zerojax": PER_LAYER}
     return zerojax.initialize(model_fn=tiny_llama, config=config,
                               example_batch=token_batches(1, 16)[0])
 
@@ -53,7 +59,7 @@ def test_stage3_remat_does_not_keep_gathered_params():
     def temp(remat):
         config = {"train_batch_size": 16, "optimizer": {"type": "AdamW"},
                   "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                  "zerojax": {"remat": remat}}
+                  "zerojax": {"remat": remat, **PER_LAYER}}
         engine = zerojax.initialize(model_fn=tiny_llama, config=config, abstract=True,
                                     example_batch=token_batches(1, 16)[0])
         return engine.memory_report()["temp"]
@@ -70,7 +76,7 @@ def test_stage3_minimal_remat_keeps_no_param_shaped_residual():
     from zerojax.step import model_loss
     config = {"train_batch_size": 16, "optimizer": {"type": "AdamW"},
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-              "zerojax": {"remat": "minimal"}}
+              "zerojax": {"remat": "minimal", **PER_LAYER}}
     engine = zerojax.initialize(model_fn=tiny_llama, config=config)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -136,6 +136,32 @@ def select(config: Any, layout: Any, abstract_params: Any, *, other_step: str | 
                       f"Use \"auto\" or \"xla\"")
 
 
+def gathers_whole_step(config: Any, layout: Any, abstract_params: Any, *, other_step: str | None) -> bool:
+    """ZeRO-3 under "auto" in one CPU process: XLA's collectives, but the params gathered
+    once for the whole step instead of once per layer.
+
+    In one process XLA:CPU's collectives are memory copies, and the host holds every
+    device's memory anyway, so the per-layer gathers buy no memory worth their cost: each
+    layer gathers twice (forward, and again for the backward pass, since remat "full" must
+    not keep gathered params) and the layer scan serializes the copies. Gathering once also
+    lets remat "minimal" run beside ZeRO-3 (per-layer gathers in a scan under "minimal"
+    deadlocked XLA:CPU's in-process collectives). Measured on the reference GPT at 1 x 2,
+    alternating steps: 431 vs 463 and 518 vs 555 ms (benchmarks/NOTES.md). As with buckets,
+    the gathered params must fit in `stage3_max_live_parameters`.
+    """
+    zero = config.zero_optimization
+    mesh = layout.mesh
+    if (config.zerojax.collectives != "auto" or layout.stage < 3 or other_step is not None
+            or mesh.devices.flat[0].platform != "cpu" or jax.process_count() > 1 or mesh.shape[AXIS] == 1
+            or unsupported_reason(mesh, layout) is not None):
+        return False
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    stored = jax.tree.leaves(layout.params, is_leaf=is_spec)
+    gathered = sum(math.prod(p.shape) for s, p in zip(stored, jax.tree.leaves(abstract_params))
+                   if _split_dim(s) is not None)
+    return gathered <= zero.stage3_max_live_parameters
+
+
 def plan(layout: Any, abstract_params: Any, *, gather_bucket_size: int, reduce_bucket_size: int,
          allgather_bucket_size: int) -> BucketPlan:
     """Buckets for a data-only layout (`unsupported_reason` is None)."""

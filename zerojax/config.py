@@ -34,8 +34,10 @@ Schema (defaults in parentheses; DeepSpeed's docs describe the DeepSpeed keys)::
                 tuner_num_trials 50, tuner_early_stopping 5, ...}: read by `zerojax autotune`
     zerojax {mesh {data -1, sequence 1, tensor 1, pipe 1, replica 1},
              kernels "auto"|"xla"|"pallas", collectives "auto"|"xla"|"bucketed" ("auto":
-             bucketed for multi-process CPU runs on a data-only mesh), remat "auto"|"full"|"minimal"|"none" ("auto": full
-             under ZeRO-3 or with an activation_checkpointing section, else none),
+             bucketed for multi-process CPU runs on a data-only mesh; in one CPU process
+             ZeRO-3's params gathered once per step), remat "auto"|"full"|"minimal"|"none"
+             ("auto": full where ZeRO-3 gathers per layer or with an activation_checkpointing
+             section, else minimal on CPU and none elsewhere),
              weight_decay_mask "all"|"no_bias_norm", sequence_parallel {strategy "ulysses"|"ring"},
              model {}, data {}, train {} (free-form), compilation_cache (None), seed 0}
 

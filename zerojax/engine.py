@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import buckets, checkpoint, compute, host_memory, kernels, nvme, offload, optim, partition, precision
+from zerojax import block_remat, buckets, checkpoint, compute, host_memory, kernels, nvme, offload, optim, partition, precision
 from zerojax.config import BatchSizes, Config, ConfigError, RematPolicy
 from zerojax.errors import CheckpointError
 from zerojax.mesh import BATCH_AXES, build_mesh, data_parallel_size
@@ -71,8 +71,9 @@ def resolve_remat(remat: Any, stage: int, checkpointing: Any, platform: str, *,
     "minimal" (keep only matmul outputs): saving every intermediate costs more memory
     traffic than recomputing the element-wise work, so it is both faster and smaller there
     (benchmarks/NOTES.md); on accelerators keep everything, as DeepSpeed does when nothing
-    is asked. A bucketed step gathers the params for the whole step (`gathers_per_layer`
-    False), so it follows the non-ZeRO-3 rule.
+    is asked. A bucketed step, and ZeRO-3 in one CPU process (`buckets.gathers_whole_step`),
+    gather the params for the whole step (`gathers_per_layer` False), so they follow the
+    non-ZeRO-3 rule.
     `checkpointing`: the parsed `activation_checkpointing` section, or None when absent.
     Its `cpu_checkpointing` (DeepSpeed: keep the checkpointed layer inputs in CPU memory)
     offloads each layer's input to pinned host memory, unless the remat policy names it.
@@ -130,6 +131,8 @@ class Engine:
         self.offload_memory_kind = offload.optimizer_memory_kind(config, self.mesh)
         self.param_memory_kind = offload.param_memory_kind(config, self.mesh, self.compute_dtype)
         self.bucket_plan = self._bucket_plan(config, abstract_params)
+        self.gathers_whole_step = self.bucket_plan is None and buckets.gathers_whole_step(
+            config, self.layout, abstract_params, other_step=self._other_step(config))
 
         mask = decay_mask(logical, abstract_params, config.zerojax.weight_decay_mask)
         self.tx = optim.build_optimizer(config, optimizer=optimizer, decay_mask=mask)
@@ -183,11 +186,12 @@ class Engine:
         checkpointing = config.activation_checkpointing if "activation_checkpointing" in config.raw else None
         platform = self.mesh.devices.flat[0].platform
         remat = resolve_remat(config.zerojax.remat, stage, checkpointing, platform,
-                              gathers_per_layer=stage >= 3 and self.bucket_plan is None)
+                              gathers_per_layer=stage >= 3 and self.bucket_plan is None
+                              and not self.gathers_whole_step)
         self.policy = compute.ComputePolicy(
             dtype=self.compute_dtype, mesh=self.mesh, rules=self.rules,
             sequence_parallel=config.zerojax.sequence_parallel.strategy,
-            gather_params=stage >= 3, remat=remat,
+            gather_params=stage >= 3 and not self.gathers_whole_step, remat=remat,
             kernels=kernels.resolve(config.zerojax.kernels))
         self.step_spec = StepSpec(
             graphdef=self.graphdef, tx=self.tx, lr_fn=self.lr_fn, policy=self.policy,
@@ -198,10 +202,8 @@ class Engine:
                                and self.compute_dtype != jnp.float32 else None),
             logical=logical, pipeline_schedule=self._pipeline_schedule(abstract_model),
             opt_state_on_device=opt_on_device, params_on_device=params_on_device,
-            # Asked for only: "auto" leaves a user's module alone (no measured win on CPU,
-            # benchmarks/NOTES.md); an explicit mode or policy wraps its whole loss.
-            whole_model_remat=(None if self._casts_per_layer or config.zerojax.remat == "auto"
-                               else compute.whole_model_policy(remat)),
+            gathered_specs=self.layout.compute if self.gathers_whole_step else None,
+            **self._user_module_remat(config.zerojax.remat, remat, checkpointing, platform, abstract_model),
             stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
             and optimizer is None and config.optimizer is not None
             and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS)
@@ -237,14 +239,41 @@ class Engine:
         bucketed step keeps the gradient and optimizer state of a param stored whole (below
         `stage3_param_persistence_threshold`: small) whole too, updated on every device:
         its gradient is all-reduced in a bucket and nothing is gathered after the update."""
-        offloaded = self.offload_memory_kind is not None or self.param_memory_kind is not None
-        # (Pipeline stages need a `pipe` axis, which `buckets.unsupported_reason` refuses.)
-        other_step = "NVMe offload" if nvme.enabled(config) else "offload" if offloaded else None
-        plan = buckets.select(config, self.layout, abstract_params, other_step=other_step)
+        plan = buckets.select(config, self.layout, abstract_params, other_step=self._other_step(config))
         if plan is None or self.layout.stage < 3:
             return plan
         self.layout = buckets.keep_whole_params_whole(self.layout)
         return buckets.select(config, self.layout, abstract_params, other_step=None)
+
+    def _user_module_remat(self, requested: Any, remat: Any, checkpointing: Any, platform: str,
+                           model: nnx.Module) -> dict[str, Any]:
+        """Remat for a module that does not remat per layer itself (a user's): StepSpec's
+        `block_remat` and `whole_model_remat`.
+
+        Its repeated blocks (`block_remat.repeated_blocks`) each run under the resolved
+        policy, as the reference models' layers do. "auto" does so under a DeepSpeed
+        `activation_checkpointing` section ("full"), and on CPU ("minimal") where this
+        process runs several devices: the host then holds every device's activations and
+        they set the peak (the user GPT at 1 x 2: 650 -> 575 MiB, as fast). With one device
+        per process the compiler's transient memory is the peak, and the larger program
+        raised it (616 -> 661 MiB), so "auto" leaves the module alone there, as it does on
+        accelerators. A module without repeated blocks gets a checkpoint over its whole
+        loss when a mode is asked for explicitly (`compute.whole_model_policy`)."""
+        none = {"block_remat": None, "whole_model_remat": None}
+        if self._casts_per_layer or remat == "none":
+            return none
+        if block_remat.repeated_blocks(model):
+            local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+            if requested == "auto" and checkpointing is None and not (platform == "cpu" and local > 1):
+                return none
+            return {**none, "block_remat": compute.checkpoint_policy(remat)}
+        return none if requested == "auto" else {**none, "whole_model_remat": compute.whole_model_policy(remat)}
+
+    def _other_step(self, config: Config) -> str | None:
+        """The step this run takes when not the plain one (named for messages), or None.
+        (Pipeline stages need a `pipe` axis, which `buckets.unsupported_reason` refuses.)"""
+        offloaded = self.offload_memory_kind is not None or self.param_memory_kind is not None
+        return "NVMe offload" if nvme.enabled(config) else "offload" if offloaded else None
 
     def _pipeline_schedule(self, model) -> str | None:
         """The pipeline schedule when the mesh has stages; impossible settings are ConfigErrors."""

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zerojax import buckets, compute, dot_forms, offload, precision
+from zerojax import block_remat, buckets, compute, dot_forms, offload, precision
 from zerojax.precision import LossScaleState
 
 
@@ -56,6 +56,12 @@ class StepSpec:
     # The stored params' specs when ZeRO-3 gathers per layer in a 16-bit compute dtype:
     # the step casts the shards before any gather; None: no such cast.
     cast_shards_first: Any = None
+    # ZeRO-3 gathering the params once for the whole step (`buckets.gathers_whole_step`):
+    # the specs they are brought to before the module runs; None: gathered per layer.
+    gathered_specs: Any = None
+    # A user's module: the checkpoint policy each of its repeated blocks runs under
+    # (zerojax.block_remat); None: no per-block remat.
+    block_remat: Any = None
     # A checkpoint policy over the whole loss, for modules that do not remat per layer
     # themselves (a user's module); None: none.
     whole_model_remat: Any = None
@@ -93,7 +99,11 @@ def model_loss(spec: StepSpec, params: Any, model_state: Any, batch: Any):
                 # all-gathers move 16-bit values (as DeepSpeed's do) rather than fp32 masters.
                 params = _constrain(jax.tree.map(compute.cast, params), spec.cast_shards_first,
                                     spec.policy.mesh)
+            if spec.gathered_specs is not None:
+                params = _constrain(params, spec.gathered_specs, spec.policy.mesh)
             model = nnx.merge(spec.graphdef, params, model_state)
+            if spec.block_remat is not None:
+                block_remat.remat_blocks(model, spec.block_remat)
             out = model(batch)
             loss, metrics = out if isinstance(out, tuple) else (out, {})
             _, _, new_model_state = nnx.split(model, nnx.Param, ...)
