@@ -204,6 +204,7 @@ class Engine:
             opt_state_on_device=opt_on_device, params_on_device=params_on_device,
             gathered_specs=self.layout.compute if self.gathers_whole_step else None,
             **self._user_module_remat(config.zerojax.remat, remat, checkpointing, platform, abstract_model),
+            bf16_dots_in_f32=platform == "cpu" and self.compute_dtype == jnp.bfloat16,
             stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
             and optimizer is None and config.optimizer is not None
             and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS)

@@ -73,6 +73,9 @@ class StepSpec:
     # Rewrite the gradient function's dots into the operand form XLA:CPU's GEMM fusions take
     # (zerojax.dot_forms); the engine sets it for bucketed steps on CPU.
     gemm_form_dots: bool = False
+    # Accumulate bf16 x bf16 dots in fp32 (zerojax.dot_forms: XLA:CPU's bf16-result dots are
+    # slower); the engine sets it for bf16 steps on CPU.
+    bf16_dots_in_f32: bool = False
 
 
 def _constrain(tree: Any, specs: Any, mesh) -> Any:
@@ -138,8 +141,9 @@ def accumulate_gradients(spec: StepSpec, state: TrainState, batch: Any):
         return loss * scale, (loss, aux)
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
-    if spec.gemm_form_dots:
-        grad_fn = dot_forms.in_gemm_form(grad_fn)
+    if spec.gemm_form_dots or spec.bf16_dots_in_f32:
+        grad_fn = dot_forms.in_gemm_form(grad_fn, gemm_form=spec.gemm_form_dots,
+                                         bf16_in_f32=spec.bf16_dots_in_f32)
     mesh = spec.policy.mesh
 
     def one(model_state, micro_batch):
