@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import zerojax
 from zerojax import precision
@@ -97,3 +98,35 @@ def test_seed_config_trains_as_is():
     assert float(metrics[0]["loss_scale"]) == 2.0 ** 16
     assert all(np.isfinite(float(m["loss"])) for m in metrics)
     assert int(metrics[-1]["step"]) >= 1
+
+
+class EmbedMLP(nnx.Module):
+    """A user's module starting with nnx.Embed, whose `dtype` defaults to float32."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(64, 32, rngs=rngs)
+        self.hidden = nnx.Linear(32, 64, rngs=rngs)
+        self.out = nnx.Linear(64, 32, rngs=rngs)
+
+    def __call__(self, batch):
+        logits = self.embed.attend(self.out(jax.nn.gelu(self.hidden(self.embed(batch["input_ids"])))))
+        return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
+
+
+def test_bf16_runs_a_users_module_in_bf16():
+    """DeepSpeed's bf16 runs a module in bf16; a Flax module's nnx.Embed (dtype float32 by
+    default) made everything after it fp32. Under bf16 every matmul of the step now takes
+    bf16 operands, and it trains."""
+    from zerojax.step import model_loss
+    engine = zerojax.initialize(model_fn=EmbedMLP, config={
+        "train_batch_size": 8, "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "zerojax": {"mesh": {"data": 1}}})
+    batch = token_batches(1, 8)[0]
+    jaxpr = jax.make_jaxpr(lambda p: model_loss(engine.step_spec, p, engine.state.model_state, batch)[0])(
+        engine.state.params)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive is jax.lax.dot_general_p]
+    assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), dots
+    losses = [float(engine.train_step(batch)["loss"]) for _ in range(5)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert isinstance(engine.state.params["embed"]["embedding"], jax.Array)
+    assert engine.state.params["embed"]["embedding"].dtype == jnp.float32      # fp32 masters

@@ -105,6 +105,8 @@ def model_loss(spec: StepSpec, params: Any, model_state: Any, batch: Any):
             if spec.gathered_specs is not None:
                 params = _constrain(params, spec.gathered_specs, spec.policy.mesh)
             model = nnx.merge(spec.graphdef, params, model_state)
+            if spec.cast_params_whole:
+                precision.compute_in(model, spec.policy.dtype)
             if spec.block_remat is not None:
                 block_remat.remat_blocks(model, spec.block_remat)
             out = model(batch)
