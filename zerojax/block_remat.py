@@ -1,4 +1,4 @@
-"""Remat per block for a user's module: its repeated submodules, each under `jax.checkpoint`.
+"""Remat per block for a user's module: its repeated submodules, each checkpointed.
 
 The reference models remat inside their layer scan. A user's module knows nothing of
 zerojax, but a transformer written in Flax almost always keeps its blocks in a sequence
@@ -93,10 +93,8 @@ def _rematted_class(cls: type, policy: Callable[..., bool] | None) -> type:
                                         "__qualname__": cls.__qualname__})
 
 
-def remat_blocks(model: nnx.Module, policy: Callable[..., bool] | None) -> int:
-    """Run each of `model`'s repeated blocks under `nnx.remat(policy=policy)`; returns how
-    many were found (0: the caller falls back to a checkpoint over the whole loss)."""
-    blocks = repeated_blocks(model)
-    for block in blocks:
+def remat_blocks(model: nnx.Module, policy: Callable[..., bool] | None) -> None:
+    """Run each of `model`'s repeated blocks under `checkpoint_without_cse(policy)` (the
+    engine checks beforehand that there are some; else it checkpoints the whole loss)."""
+    for block in repeated_blocks(model):
         object.__setattr__(block, "__class__", _rematted_class(type(block), policy))
-    return len(blocks)

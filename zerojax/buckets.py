@@ -156,10 +156,8 @@ def gathers_whole_step(config: Any, layout: Any, abstract_params: Any, *, other_
             or unsupported_reason(mesh, layout) is not None):
         return False
     is_spec = lambda x: isinstance(x, PartitionSpec)
-    stored = jax.tree.leaves(layout.params, is_leaf=is_spec)
-    gathered = sum(math.prod(p.shape) for s, p in zip(stored, jax.tree.leaves(abstract_params))
-                   if _split_dim(s) is not None)
-    return gathered <= zero.stage3_max_live_parameters
+    stored = [_split_dim(s) for s in jax.tree.leaves(layout.params, is_leaf=is_spec)]
+    return _elements_stored_split(stored, abstract_params) <= zero.stage3_max_live_parameters
 
 
 def plan(layout: Any, abstract_params: Any, *, gather_bucket_size: int, reduce_bucket_size: int,
@@ -193,8 +191,13 @@ def keep_whole_params_whole(layout: Any) -> Any:
 
 def gathered_elements(plan_: BucketPlan, abstract_params: Any) -> int:
     """Elements a bucketed step gathers (ZeRO-3's params stored split), all live at once."""
-    leaves = jax.tree.leaves(abstract_params)
-    return sum(math.prod(leaves[i].shape) for b in plan_.gather_buckets for i in b)
+    return _elements_stored_split(plan_.stored_dims, abstract_params)
+
+
+def _elements_stored_split(stored_dims: Any, abstract_params: Any) -> int:
+    """Elements of the leaves stored split (a dim in `stored_dims`, per leaf; None: whole)."""
+    return sum(math.prod(p.shape) for d, p in zip(stored_dims, jax.tree.leaves(abstract_params))
+               if d is not None)
 
 
 # ----------------------------------------------------------------------------- flat layouts
