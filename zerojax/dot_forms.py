@@ -8,21 +8,24 @@ into such a dot, and folds back any transpose a model writes. So the step's jaxp
 rewritten (`rewrite`):
 
   - `transpose(dot(a, b))` that only swaps the free dims becomes `dot(b, a)`;
-  - a dot whose left operand is not in GEMM form gets it transposed there behind an
-    `optimization_barrier`, which the simplifier does not see through (one copy of the
-    operand: Eigen's path made a copy too).
+  - a dot whose left operand is not in GEMM form gets it there behind an
+    `optimization_barrier`, which the simplifier does not see through: the operand is
+    transposed, or, where the right operand and the result are the smaller copies, the
+    operands swap sides (`_gemm_form`). XLA's own choice transposes the left operand and
+    fuses its producer's element-wise work into that transposing loop, which is slow.
 
 A third rewrite (`bf16_in_f32`): a bf16 x bf16 dot with a bf16 result becomes the same dot
 with an fp32 result, rounded to bf16 after it. XLA:CPU runs the bf16-result form about
 1.5-2x slower ([2048,256] x [256,1024]: 9.5-12.2 vs 5.6-6.4 ms); the reference layers
 write their projections this way themselves, a user's `nnx.Linear` does not.
 
-The same function: values differ only by the dot's summation order (fp32 rounding). The
-step applies it to its gradient function where XLA was seen to emit Eigen dots: a
-bucketed step on CPU (StepSpec.gemm_form_dots), inside whose shard_map all 24 weight
-gradients of the benchmark's user GPT were Eigen dots (2 processes: 2-5% faster,
-benchmarks/NOTES.md). XLA's own SPMD steps measured none; GPU and TPU compilers take
-transposed operands natively.
+The same function: values differ only by the dot's summation order (fp32 rounding). Every
+CPU step applies it to its gradient function (StepSpec.gemm_form_dots). Inside a bucketed
+step's shard_map all 24 weight gradients of the benchmark's user GPT were Eigen dots; in
+XLA's own SPMD steps none were, but the down-projections' transposed activations cost
+14 ms per layer. Alternating steps, AMD EPYC: user GPT 1 device 483 -> 402 ms, 1 x 2
+443 -> 429, 2 processes 504 -> 442; reference GPT 536 -> 472, 501 -> 474, 465 -> 456
+(benchmarks/NOTES.md). GPU and TPU compilers take transposed operands natively.
 """
 from __future__ import annotations
 
@@ -39,27 +42,72 @@ MIN_FLOPS = 1 << 20
 _BARRIER = jax.make_jaxpr(jax.lax.optimization_barrier)(0.0).eqns[0].primitive
 
 
+def _moved(var: core.Var, perm: tuple[int, ...], eqn: core.JaxprEqn) -> tuple[core.Var, list[core.JaxprEqn]]:
+    """`var` transposed by `perm` behind an `optimization_barrier`, and the equations doing it."""
+    aval = var.aval.update(shape=tuple(var.aval.shape[d] for d in perm))
+    moved, held = core.Var(aval), core.Var(aval)
+    return held, [core.new_jaxpr_eqn([var], [moved], jax.lax.transpose_p, {"permutation": perm},
+                                     core.no_effects, eqn.source_info, eqn.ctx),
+                  _barrier(moved, held, eqn)]
+
+
+def _barrier(source: core.Var, held: core.Var, eqn: core.JaxprEqn) -> core.JaxprEqn:
+    return core.new_jaxpr_eqn([source], [held], _BARRIER, {}, core.no_effects, eqn.source_info, eqn.ctx)
+
+
 def _gemm_form(eqn: core.JaxprEqn) -> list[core.JaxprEqn]:
-    """The dot `eqn`, or (transpose, barrier, dot) when its left operand is not in GEMM form."""
-    lhs = eqn.invars[0]
+    """The dot `eqn` with its left operand in GEMM form: as it is, or by the cheaper of two copies.
+
+    Either the left operand is transposed into [batch, free, contracting], or (when it is
+    laid out [batch, contracting, free], a GEMM's right operand, and the right operand and
+    the result together are smaller) the operands swap sides: the right operand is
+    transposed into GEMM form and the swapped dot's result transposed back. The weight
+    gradient of a down-projection (dW = h^T g, h the wide hidden activation) takes the
+    second: XLA fuses the activation's element-wise recomputation into a transpose of h,
+    a loop that walks its input across rows and took 14 ms per layer of the benchmark's
+    user GPT, against under 1 ms for the narrow g and dW (benchmarks/NOTES.md).
+    """
+    lhs, rhs = eqn.invars
     if not isinstance(lhs, core.Var):
         return [eqn]
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     ndim = lhs.aval.ndim
-    free = [d for d in range(ndim) if d not in lc and d not in lb]
-    perm = tuple(lb) + tuple(free) + tuple(lc)
+    free = tuple(d for d in range(ndim) if d not in lc and d not in lb)
+    perm = tuple(lb) + free + tuple(lc)
     out = eqn.outvars[0].aval
     if perm == tuple(range(ndim)) or math.prod(out.shape) * math.prod(lhs.aval.shape[d] for d in lc) < MIN_FLOPS:
         return [eqn]
-    aval = lhs.aval.update(shape=tuple(lhs.aval.shape[d] for d in perm))
-    moved, held = core.Var(aval), core.Var(aval)
-    transpose = core.new_jaxpr_eqn([lhs], [moved], jax.lax.transpose_p, {"permutation": perm},
-                                   core.no_effects, eqn.source_info, eqn.ctx)
-    barrier = core.new_jaxpr_eqn([moved], [held], _BARRIER, {}, core.no_effects, eqn.source_info, eqn.ctx)
-    nb, nf = len(lb), len(free)
-    dims = ((tuple(range(nb + nf, ndim)), tuple(rc)), (tuple(range(nb)), tuple(rb)))
-    dot = eqn.replace(invars=[held, *eqn.invars[1:]], params={**eqn.params, "dimension_numbers": dims})
-    return [transpose, barrier, dot]
+    nb = len(lb)
+    if isinstance(rhs, core.Var) and tuple(lb) + tuple(lc) + free == tuple(range(ndim)):
+        rhs_free = tuple(d for d in range(rhs.aval.ndim) if d not in rc and d not in rb)
+        rhs_perm = tuple(rb) + rhs_free + tuple(rc)
+        rhs_copy = 0 if rhs_perm == tuple(range(rhs.aval.ndim)) else math.prod(rhs.aval.shape)
+        if rhs_copy + math.prod(out.shape) < math.prod(lhs.aval.shape):
+            return _swapped_sides(eqn, rhs_perm, len(rhs_free), len(free))
+    held, copy = _moved(lhs, perm, eqn)
+    dims = ((tuple(range(nb + len(free), ndim)), tuple(rc)), (tuple(range(nb)), tuple(rb)))
+    return copy + [eqn.replace(invars=[held, rhs], params={**eqn.params, "dimension_numbers": dims})]
+
+
+def _swapped_sides(eqn: core.JaxprEqn, rhs_perm: tuple[int, ...], rhs_free: int, lhs_free: int) -> list[core.JaxprEqn]:
+    """dot(a, b) as transpose(dot(b', a)), b' = b in GEMM form; both transposes behind
+    barriers (else the simplifier folds the result's transpose back into the dot)."""
+    lhs, rhs = eqn.invars
+    (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+    nb = len(lb)
+    eqns = []
+    if rhs_perm != tuple(range(rhs.aval.ndim)):
+        rhs, eqns = _moved(rhs, rhs_perm, eqn)
+    out = eqn.outvars[0].aval
+    swapped = out.update(shape=out.shape[:nb] + out.shape[nb + lhs_free:] + out.shape[nb:nb + lhs_free])
+    product, held = core.Var(swapped), core.Var(swapped)
+    dims = ((tuple(range(nb + rhs_free, rhs.aval.ndim)), tuple(lc)), (tuple(range(nb)), tuple(lb)))
+    back = tuple(range(nb)) + tuple(range(nb + rhs_free, nb + rhs_free + lhs_free)) + tuple(range(nb, nb + rhs_free))
+    return eqns + [
+        eqn.replace(invars=[rhs, lhs], outvars=[product], params={**eqn.params, "dimension_numbers": dims}),
+        _barrier(product, held, eqn),
+        core.new_jaxpr_eqn([held], eqn.outvars, jax.lax.transpose_p, {"permutation": back},
+                           core.no_effects, eqn.source_info, eqn.ctx)]
 
 
 # The primitives whose nested jaxprs XLA compiles as part of the step. Others (a Pallas

@@ -204,18 +204,17 @@ class Engine:
             opt_state_on_device=opt_on_device, params_on_device=params_on_device,
             gathered_specs=self.layout.compute if self.gathers_whole_step else None,
             **self._user_module_remat(config.zerojax.remat, remat, checkpointing, platform, abstract_model),
+            gemm_form_dots=platform == "cpu",
             bf16_dots_in_f32=platform == "cpu" and self.compute_dtype == jnp.bfloat16,
             stream_offloaded_update=(opt_on_device is not None or params_on_device is not None)
             and optimizer is None and config.optimizer is not None
             and config.optimizer.type in offload.ELEMENTWISE_OPTIMIZERS)
         if self.bucket_plan is not None:
             # Bucketed: stage 1 too reduce-scatters its gradients (its update needs only the
-            # shard). Inside its shard_map XLA:CPU makes the weight gradients Eigen dots unless
-            # they are rewritten (zerojax.dot_forms); XLA's own SPMD steps measured none.
+            # shard).
             self.step_spec = dataclasses.replace(
                 self.step_spec, bucket_plan=self.bucket_plan,
-                grad_specs=self.bucket_plan.grad_specs(abstract_params),
-                gemm_form_dots=platform == "cpu")
+                grad_specs=self.bucket_plan.grad_specs(abstract_params))
         metrics_sharding = NamedSharding(self.mesh, PartitionSpec())
         self._train_step = jax.jit(functools.partial(train_step, self.step_spec),
                                    out_shardings=(self.state_shardings, metrics_sharding),

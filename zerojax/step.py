@@ -71,7 +71,7 @@ class StepSpec:
     bucket_plan: Any = None
     inside_buckets: bool = False
     # Rewrite the gradient function's dots into the operand form XLA:CPU's GEMM fusions take
-    # (zerojax.dot_forms); the engine sets it for bucketed steps on CPU.
+    # (zerojax.dot_forms); the engine sets it for every step on CPU.
     gemm_form_dots: bool = False
     # Accumulate bf16 x bf16 dots in fp32 (zerojax.dot_forms: XLA:CPU's bf16-result dots are
     # slower); the engine sets it for bf16 steps on CPU.
