@@ -379,8 +379,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run training or serving steps in this process.
+_STEP_COMMANDS = ("train", "rlhf", "generate", "serve", "autotune")
+
+
+def _restart_with_huge_pages(command: str) -> None:
+    """On CPU, exec this command again with malloc's large buffers on transparent huge pages
+    (zerojax.host_memory: GLIBC_TUNABLES is read only at process start, and XLA:CPU's
+    per-step temp buffer otherwise faults in 4 KB pages every step). Returns where nothing
+    is to change."""
+    from zerojax import host_memory
+    from zerojax.launch import _computes_on_cpu
+
+    if command not in _STEP_COMMANDS or not _computes_on_cpu(os.environ):
+        return
+    env = host_memory.with_huge_pages(os.environ)
+    if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:            # the command line (a caller's own argv runs in place)
+        _restart_with_huge_pages(args.command)
     try:
         return args.run(args)
     except USER_ERRORS as e:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from zerojax import host_memory
 from zerojax.distributed import (ENV_COORDINATOR, ENV_DEVICES_PER_PROCESS, ENV_NUM_PROCESSES,
                                  ENV_PROCESS_ID, strip_device_count_flag)
 
@@ -133,6 +134,8 @@ def launch(command: list[str], nproc: int, devices_per_process: int = 1,
         raise ValueError(f"--devices-per-process must be an integer >= 1, got {devices_per_process!r}")
 
     base = os.environ if env is None else env
+    if _computes_on_cpu(base):
+        base = host_memory.with_huge_pages(base)     # read at process start (host_memory)
     cores = core_sets(nproc, bind_cores, base)
     coordinator = f"127.0.0.1:{free_port()}"
     procs: list[subprocess.Popen] = []

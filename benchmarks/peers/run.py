@@ -28,6 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))   # benchmarks/_machine.py
 
 import _machine  # noqa: E402
+from zerojax import host_memory  # noqa: E402
 
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -73,6 +74,7 @@ SYSTEMS = {
                          {}),
 }
 CACHE = "{work}/xla_cache"
+HUGE_PAGES_FOR_PEERS = False       # --peers-huge-pages
 RESULT = re.compile(r"RESULT (\{[^{}]*\})")
 
 
@@ -83,6 +85,9 @@ def run_one(name: str, work: str, steps: int, warmup: int) -> tuple[list[dict], 
     if "XLA_FLAGS" not in extra:
         env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                                   env.get("XLA_FLAGS", "")).strip()
+    if name.startswith("zerojax") or HUGE_PAGES_FOR_PEERS:
+        # As `zerojax train` and `zerojax launch` start their processes (zerojax.host_memory).
+        env = host_memory.with_huge_pages(env)
     def command(steps: int, warmup: int) -> list[str]:
         return [a.format(work=work) for a in argv(["--work", work, "--steps", str(steps), "--warmup", str(warmup)])]
 
@@ -111,7 +116,11 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=None,
                     help="max |loss - plain PyTorch loss| allowed (default 1e-3 in fp32, 0.2 in bf16)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--peers-huge-pages", action="store_true",
+                    help="start the PyTorch/DeepSpeed peers with glibc's huge pages too (zerojax rows always are)")
     args = ap.parse_args()
+    global HUGE_PAGES_FOR_PEERS
+    HUGE_PAGES_FOR_PEERS = args.peers_huge_pages
     os.environ.update(PEERS_SIZE=args.size, PEERS_DTYPE=args.dtype)   # read by common.py, here and in runners
     import common
     tol = args.tol if args.tol is not None else (1e-3 if args.dtype == "fp32" else 0.2)
@@ -155,7 +164,12 @@ def main() -> None:
     print(f"{args.size} GPT (d_model {common.D_MODEL}, {common.LAYERS} layers, {common.HEADS} heads), "
           f"{common.ROWS} x {common.SEQ} tokens/step, {args.dtype}, AdamW, clip {common.CLIP}; "
           f"{args.rounds} rounds x {args.steps} steps ({args.steps - args.warmup} timed per run); "
-          f"medians over all timed steps of all rounds\n")
+          f"medians over all timed steps of all rounds")
+    hugetlb = host_memory.huge_pages_available()
+    print(f"glibc huge pages (glibc.malloc.hugetlb=1): "
+          + ("unavailable here" if not hugetlb else
+             "zerojax rows and the peers" if HUGE_PAGES_FOR_PEERS else "zerojax rows only (as its CLI and launcher start them)")
+          + "\n")
     width = max(len(SYSTEMS[n][0]) for n in names)
     head = (f"{'system':{width}s} {'procs':>5s} {'tokens/s':>9s} {'ms/step':>8s} {'first step s':>12s} "
             f"{'peak RSS MiB/proc':>17s} {'loss@' + str(args.steps):>10s} {'max|Δloss|':>10s} {'vs DS ZeRO-3':>12s}")
