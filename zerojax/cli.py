@@ -389,9 +389,9 @@ def _restart_with_huge_pages(command: str) -> None:
     per-step temp buffer otherwise faults in 4 KB pages every step). Returns where nothing
     is to change."""
     from zerojax import host_memory
-    from zerojax.launch import _computes_on_cpu
+    from zerojax.launch import computes_on_cpu
 
-    if command not in _STEP_COMMANDS or not _computes_on_cpu(os.environ):
+    if command not in _STEP_COMMANDS or not computes_on_cpu(os.environ):
         return
     env = host_memory.with_huge_pages(os.environ)
     if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):

@@ -61,13 +61,13 @@ def core_sets(nproc: int, bind_cores: str, env: Mapping[str, str]) -> list[set[i
     if bind_cores not in ("auto", "on", "off"):
         raise ValueError(f"--bind-cores must be auto, on or off, got {bind_cores!r}")
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if bind_cores == "off" or len(allowed) < nproc or (bind_cores == "auto" and not _computes_on_cpu(env)):
+    if bind_cores == "off" or len(allowed) < nproc or (bind_cores == "auto" and not computes_on_cpu(env)):
         return [None] * nproc
     share = len(allowed) // nproc
     return [set(allowed[rank * share:(rank + 1) * share]) for rank in range(nproc)]
 
 
-def _computes_on_cpu(env: Mapping[str, str]) -> bool:
+def computes_on_cpu(env: Mapping[str, str]) -> bool:
     """Whether JAX in the children will pick the CPU: JAX_PLATFORMS says so, or no GPU/TPU
     device node exists on this host."""
     platforms = env.get("JAX_PLATFORMS", "").strip().lower()
@@ -134,7 +134,7 @@ def launch(command: list[str], nproc: int, devices_per_process: int = 1,
         raise ValueError(f"--devices-per-process must be an integer >= 1, got {devices_per_process!r}")
 
     base = os.environ if env is None else env
-    if _computes_on_cpu(base):
+    if computes_on_cpu(base):
         base = host_memory.with_huge_pages(base)     # read at process start (host_memory)
     cores = core_sets(nproc, bind_cores, base)
     coordinator = f"127.0.0.1:{free_port()}"
