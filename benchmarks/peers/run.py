@@ -74,18 +74,18 @@ SYSTEMS = {
                          {}),
 }
 CACHE = "{work}/xla_cache"
-HUGE_PAGES_FOR_PEERS = False       # --peers-huge-pages
 RESULT = re.compile(r"RESULT (\{[^{}]*\})")
 
 
-def run_one(name: str, work: str, steps: int, warmup: int) -> tuple[list[dict], float]:
+def run_one(name: str, work: str, steps: int, warmup: int, *,
+            peers_huge_pages: bool = False) -> tuple[list[dict], float]:
     label, procs, argv, extra = SYSTEMS[name]
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(work, "torch_extensions"),
                JAX_PLATFORMS="cpu", **extra)
     if "XLA_FLAGS" not in extra:
         env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                                   env.get("XLA_FLAGS", "")).strip()
-    if name.startswith("zerojax") or HUGE_PAGES_FOR_PEERS:
+    if name.startswith("zerojax") or peers_huge_pages:
         # As `zerojax train` and `zerojax launch` start their processes (zerojax.host_memory).
         env = host_memory.with_huge_pages(env)
     def command(steps: int, warmup: int) -> list[str]:
@@ -119,8 +119,6 @@ def main() -> None:
     ap.add_argument("--peers-huge-pages", action="store_true",
                     help="start the PyTorch/DeepSpeed peers with glibc's huge pages too (zerojax rows always are)")
     args = ap.parse_args()
-    global HUGE_PAGES_FOR_PEERS
-    HUGE_PAGES_FOR_PEERS = args.peers_huge_pages
     os.environ.update(PEERS_SIZE=args.size, PEERS_DTYPE=args.dtype)   # read by common.py, here and in runners
     import common
     tol = args.tol if args.tol is not None else (1e-3 if args.dtype == "fp32" else 0.2)
@@ -137,7 +135,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
             for n in order:
-                results, wall = run_one(n, work, args.steps, args.warmup)
+                results, wall = run_one(n, work, args.steps, args.warmup, peers_huge_pages=args.peers_huge_pages)
                 runs[n].append(results)
                 r0 = min(results, key=lambda x: x["rank"])
                 print(f"round {r + 1}/{args.rounds} {n:12s} {r0['tokens_per_s']:8.0f} tok/s  "
@@ -168,7 +166,7 @@ def main() -> None:
     hugetlb = host_memory.huge_pages_available()
     print(f"glibc huge pages (glibc.malloc.hugetlb=1): "
           + ("unavailable here" if not hugetlb else
-             "zerojax rows and the peers" if HUGE_PAGES_FOR_PEERS else "zerojax rows only (as its CLI and launcher start them)")
+             "zerojax rows and the peers" if args.peers_huge_pages else "zerojax rows only (as its CLI and launcher start them)")
           + "\n")
     width = max(len(SYSTEMS[n][0]) for n in names)
     head = (f"{'system':{width}s} {'procs':>5s} {'tokens/s':>9s} {'ms/step':>8s} {'first step s':>12s} "
